@@ -1,0 +1,62 @@
+"""The small interface every backend implements; the sampler is written against it alone.
+
+Arrays passed in and out are the backend's own type (``torch.Tensor`` on the torch backend, numpy or
+device buffers elsewhere). The sampler only combines them with ``+ - * /``, slicing, ``.clip`` and
+:meth:`Backend.cat`, so latents stay on the backend's device for the whole loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "ModelInfo"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the sampler needs to know about the loaded model."""
+
+    family: str  # "paint_by_example"
+    model_size: int  # generated image side in pixels (unet sample_size * vae_scale_factor)
+    vae_scale_factor: int  # pixels per latent cell
+    latent_channels: int  # 4 for SD
+    unet_in_channels: int  # 9 (latent + masked latent + mask) or 4 (plain SD U-Net)
+    source: str  # where the model was loaded from
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Four model calls plus the array plumbing the sampler needs."""
+
+    name: str
+    info: ModelInfo
+
+    def describe(self) -> str:
+        """Device and dtype, for ``repr`` and logs, e.g. ``"cpu, float32"``."""
+
+    def asarray(self, x: np.ndarray) -> Any:
+        """A host float32 array on the backend's device, in its compute dtype."""
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A backend array back on the host as float32 numpy."""
+
+    def cat(self, xs: list[Any], axis: int) -> Any:
+        """Concatenate backend arrays along ``axis``."""
+
+    def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
+        """CLIP pixels ``(1, 3, C, C)`` -> (object context ``(1, T, D)``, unconditional context ``(1, T, D)``)."""
+
+    def encode_image(self, image: Any) -> Any:
+        """Image ``(1, 3, M, M)`` in ``[-1, 1]`` -> scaled latent ``(1, 4, M/f, M/f)`` (posterior mean)."""
+
+    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
+        """Noise prediction for ``sample`` ``(B, C_in, h, w)`` at ``timestep`` with ``context`` ``(B, T, D)``."""
+
+    def decode(self, latents: Any) -> Any:
+        """Scaled latent ``(1, 4, h, w)`` -> image ``(1, 3, M, M)`` in ``[-1, 1]`` (not clipped)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest stage timings)."""

@@ -1,0 +1,189 @@
+"""PyTorch backend: diffusers / transformers model classes, on CPU or CUDA.
+
+The components are loaded with diffusers' and transformers' own ``from_pretrained`` from
+safetensors only. Calls run under ``torch.inference_mode``; the modules are not mutated after
+loading, so one backend may serve several threads at once (each call allocates its own tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, InputError, ModelError
+from ..loading import ModelFiles, read_model_dir
+from .base import ModelInfo
+
+__all__ = ["TorchBackend", "load"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _device(device: Any) -> torch.device:
+    if device is None:
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        logger.info("device=None: using %s", chosen)
+        return chosen
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1', ...)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"device {device!r} was requested but torch sees no CUDA GPU (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); install a CUDA build of torch or pass device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendUnavailableError(
+            f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise BackendUnavailableError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def _dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; expected one of float32, float16, bfloat16")
+    return _DTYPES[key]
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence diffusers' and transformers' load-time chatter (restored afterwards).
+
+    Their notes about optional packages and dtype casts are not actionable for composekit's users;
+    real problems still surface as exceptions, which are translated into :class:`ModelError`.
+    """
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+        tlog.enable_progress_bar()
+
+
+def image_encoder_class() -> type:
+    """diffusers' ``PaintByExampleImageEncoder`` (moved under ``pipelines/deprecated`` in newer releases)."""
+    try:
+        from diffusers.pipelines.deprecated.paint_by_example.image_encoder import PaintByExampleImageEncoder
+    except ImportError:
+        from diffusers.pipelines.paint_by_example.image_encoder import PaintByExampleImageEncoder
+    return PaintByExampleImageEncoder
+
+
+class TorchBackend:
+    """The four components as torch modules."""
+
+    name = "torch"
+
+    def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        PaintByExampleImageEncoder = image_encoder_class()
+
+        self.device, self.dtype = device, dtype
+        loaders = {
+            "image_encoder": PaintByExampleImageEncoder,
+            "unet": UNet2DConditionModel,
+            "vae": AutoencoderKL,
+        }
+        modules = {}
+        for name, cls in loaders.items():
+            try:
+                with quiet_loading():
+                    module = cls.from_pretrained(str(files.component_dir(name)), use_safetensors=True)
+                    module = module.to(device=device, dtype=dtype)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise ModelError(
+                    f"could not load {name} from {files.component_dir(name)}: {exc}. The weights do not match "
+                    "the config; re-download the model or rebuild it."
+                ) from exc
+            modules[name] = module.eval().requires_grad_(False)
+        self.image_encoder, self.unet_model, self.vae = modules["image_encoder"], modules["unet"], modules["vae"]
+        vae_cfg, unet_cfg = self.vae.config, self.unet_model.config
+        scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.scaling = float(vae_cfg.scaling_factor)
+        self.info = ModelInfo(
+            family=files.family,
+            model_size=int(unet_cfg.sample_size) * scale_factor,
+            vae_scale_factor=scale_factor,
+            latent_channels=int(vae_cfg.latent_channels),
+            unet_in_channels=int(unet_cfg.in_channels),
+            source=str(files.root),
+        )
+
+    def describe(self) -> str:
+        return f"{self.device}, {str(self.dtype).replace('torch.', '')}"
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def asarray(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, self.dtype)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.detach().to("cpu", torch.float32).numpy()
+
+    def cat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(xs, dim=axis)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- the four components ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_object(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond = self.image_encoder(self.asarray(pixels), return_uncond_vector=True)
+        return cond, uncond.to(cond.dtype).expand(cond.shape[0], -1, -1)
+
+    @torch.inference_mode()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image).latent_dist.mean * self.scaling
+
+    @torch.inference_mode()
+    def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor(int(timestep), device=self.device, dtype=torch.long)
+        return self.unet_model(sample, t, encoder_hidden_states=context).sample
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling).sample
+
+
+def load(model_dir: Path, *, device: Any = None, dtype: Any = None) -> TorchBackend:
+    """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``."""
+    files = read_model_dir(Path(model_dir))
+    dev = _device(device)
+    dt = _dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.float16:
+        logger.warning("float16 on CPU is slow and imprecise; float32 is recommended there")
+    return TorchBackend(files, dev, dt)

@@ -1,0 +1,203 @@
+"""The ``composekit`` command line.
+
+    composekit paste OBJ BG --box X0,Y0,X1,Y1 -o OUT --model DIR_OR_REPO [--steps N] [--seed K]
+    composekit make-model tiny|full OUT [--seed K]
+    composekit demo [DIR]
+    composekit env
+
+Exit codes: 0 success; 2 bad arguments or input (:class:`InputError`); 3 model problem
+(:class:`ModelError`); 4 backend or device unavailable; 1 any other composekit error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .errors import BackendUnavailableError, ComposekitError, InputError, ModelError
+from .files import save_image_atomic
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, EXIT_BACKEND = 0, 1, 2, 3, 4
+
+
+def _version() -> str:
+    try:
+        return metadata.version("composekit")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _parse_box(text: str) -> tuple[int, int, int, int]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"box must be four integers X0,Y0,X1,Y1, got {text!r}") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"box must be four integers X0,Y0,X1,Y1, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _cmd_paste(args: argparse.Namespace) -> int:
+    from . import Compositor
+
+    comp = Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                      local_files_only=args.offline)
+    result = comp.paste(
+        args.object, args.background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
+        eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet,
+    )
+    save_image_atomic(result.image, args.output)
+    if args.json:
+        print(json.dumps({"output": str(args.output), "box": result.box, "seed": result.seed,
+                          "steps": result.steps, "timings": dict(result.timings)}, indent=2))
+    elif not args.quiet:
+        print(f"wrote {args.output} (seed {result.seed}, {result.timings['total']:.2f} s)")
+    return EXIT_OK
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from .random_models import make_random_model
+
+    out = make_random_model(args.output, args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote random {args.size} Paint-by-Example model to {out}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    paths = run_demo(args.output, steps=args.steps)
+    print(f"wrote {paths['composite']} (from {paths['object']} pasted into {paths['background']}, "
+          f"with the tiny random model in {paths['model']})")
+    print("Random weights show the mechanics, not quality. For real composites:\n"
+          f"  composekit paste {paths['object']} {paths['background']} --box 250,230,410,390 -o out.png "
+          "--model Fantasy-Studio/Paint-by-Example")
+    return EXIT_OK
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    info: dict[str, object] = {"composekit": _version(), "python": sys.version.split()[0],
+                               "platform": platform.platform()}
+    for pkg in ("numpy", "pillow", "huggingface_hub", "safetensors", "torch", "diffusers", "transformers",
+                "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    if info["torch"]:
+        import torch
+
+        info["torch_cuda"] = torch.version.cuda
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if info["onnxruntime"] or info["onnxruntime-gpu"]:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    info["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="composekit",
+        description="Generative object compositing: paste an object into a background so it belongs, "
+        "leaving every pixel outside the edited region unchanged.",
+        epilog="examples:\n"
+        "  composekit demo                      # offline: example images + tiny model\n"
+        "  composekit make-model tiny ./tiny-model\n"
+        "  composekit paste obj.png bg.jpg --box 120,80,360,400 -o out.png --model ./tiny-model\n"
+        "  composekit paste obj.png bg.jpg --box 120,80,360,400 -o out.png "
+        "--model Fantasy-Studio/Paint-by-Example\n"
+        "  composekit env",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"composekit {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what composekit does (to stderr)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("paste", help="composite an object into a background",
+                       description="Composite OBJECT into BACKGROUND inside --box (or --mask).")
+    p.add_argument("object", help="object image file (an alpha channel marks a cut-out)")
+    p.add_argument("background", help="background image file")
+    p.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 in background pixels (X1, Y1 exclusive)")
+    p.add_argument("--mask", help="mask image file, background-sized; white = editable")
+    p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp, ...)")
+    p.add_argument("--model", required=True,
+                   help="model directory or Hub repo id (offline: build one with `composekit make-model tiny DIR`)")
+    p.add_argument("--backend", default="torch", help="backend: torch or auto (default: torch)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    p.add_argument("--context", type=float, default=2.0, help="context window side / box side (default 2)")
+    p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--json", action="store_true", help="print box, seed and timings as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_cmd_paste)
+
+    m = sub.add_parser("make-model", help="write a random model in the real on-disk layout",
+                       description="Write a randomly initialised Paint-by-Example model directory "
+                       "(diffusers layout, safetensors). tiny: seconds on CPU, for tests and demos. "
+                       "full: real SD 1.x dimensions (~5 GB), for latency benchmarks.")
+    m.add_argument("size", choices=["tiny", "full"])
+    m.add_argument("output", help="directory to create")
+    m.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    m.set_defaults(func=_cmd_make_model)
+
+    d = sub.add_parser("demo", help="offline first run: example images + tiny random model -> a composite",
+                       description="Write example images, build a tiny random model (no download) and "
+                       "composite them into DIR/composite.png.")
+    d.add_argument("output", nargs="?", default="composekit-demo", help="folder to write (default ./composekit-demo)")
+    d.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    d.set_defaults(func=_cmd_demo)
+
+    e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_INPUT
+    if args.command == "paste" and args.box is None and args.mask is None:
+        parser.error("paste needs --box or --mask")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"composekit: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except ModelError as exc:
+        print(f"composekit: model error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except BackendUnavailableError as exc:
+        print(f"composekit: backend unavailable: {exc}", file=sys.stderr)
+        return EXIT_BACKEND
+    except ComposekitError as exc:
+        print(f"composekit: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The public entry point: :class:`Compositor` and its result, :class:`CompositeResult`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import geometry
+from .backends import Backend, choose_backend, load_backend
+from .errors import InputError
+from .images import load_picture, to_caller_kind
+from .loading import read_model_dir, resolve_source
+from .preprocess import ClipPreprocessor, flatten_cutout
+from .sampler import SamplerOptions, sample
+from .scheduler import DDIMScheduler
+
+__all__ = ["Compositor", "CompositeResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompositeResult:
+    """What :meth:`Compositor.paste` returns.
+
+    Attributes:
+        image: the composite, in the background's kind (PIL in -> PIL out, numpy in -> numpy out;
+            paths and bytes give PIL) and mode (RGB, RGBA with the background's alpha, or L).
+        mask: ``HxW`` bool array, True where pixels may differ from the background (the editable
+            region). Everything else is bit-identical to the background.
+        box: the region's bounding box ``(x0, y0, x1, y1)`` in background pixels.
+        seed: the seed the noise was drawn from (drawn at random when the call gave none).
+        steps, guidance: the sampler settings used.
+        timings: seconds per stage (``encode_object``, ``encode_image``, ``denoise``, ``decode``,
+            ``prepare``, ``paste``, ``total``).
+    """
+
+    image: Any
+    mask: np.ndarray
+    box: tuple[int, int, int, int]
+    seed: int
+    steps: int
+    guidance: float
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def _seed(seed: Any) -> int:
+    if seed is None:
+        return secrets.randbits(63)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+def _region(mask: Any, box: Any, width: int, height: int) -> tuple[geometry.Box, np.ndarray | None]:
+    """The editable region as (box, mask cropped to the box or None for the whole box)."""
+    if mask is None:
+        if box is None:
+            raise InputError("give a box=(x0, y0, x1, y1) or a mask= where the object should go")
+        return geometry.validate_box(box, width, height), None
+    pic = load_picture(mask, "mask")
+    if (pic.width, pic.height) != (width, height):
+        raise InputError(
+            f"mask is {pic.width}x{pic.height} but the background is {width}x{height}; they must match"
+        )
+    full = pic.rgb[..., 0] >= 128  # white (>= 0.5) = editable
+    tight = geometry.mask_to_box(full)
+    if box is not None:
+        outer = geometry.validate_box(box, width, height)
+        if not (outer[0] <= tight[0] and outer[1] <= tight[1] and outer[2] >= tight[2] and outer[3] >= tight[3]):
+            raise InputError(f"mask extends outside the given box {outer}; drop box= or enlarge it")
+    x0, y0, x1, y1 = tight
+    return tight, full[y0:y1, x0:x1].copy()
+
+
+class Compositor:
+    """Generative object compositing with an exact-background guarantee.
+
+    Build one with :meth:`from_pretrained` and call :meth:`paste`. A ``Compositor`` holds the loaded
+    model and no per-call state, so one instance can serve several threads.
+    """
+
+    def __init__(self, backend: Backend, scheduler: DDIMScheduler, preprocessor: ClipPreprocessor) -> None:
+        self.backend = backend
+        self.scheduler = scheduler
+        self.preprocessor = preprocessor
+
+    def __repr__(self) -> str:
+        info = self.backend.info
+        return (
+            f"Compositor(model={info.source!r}, family={info.family!r}, backend={self.backend.name!r}, "
+            f"device/dtype={self.backend.describe()!r}, size={info.model_size})"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        backend: str = "torch",
+        device: Any = None,
+        dtype: Any = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> "Compositor":
+        """Load a model from a local directory or a Hugging Face Hub repo id.
+
+        Args:
+            source: a directory in diffusers' Paint-by-Example layout, or a Hub repo id such as
+                ``"Fantasy-Studio/Paint-by-Example"`` (downloaded once into the Hugging Face cache).
+            backend: ``"torch"`` or ``"auto"``.
+            device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when torch sees a GPU.
+                Asking for a GPU that is not there raises :class:`BackendUnavailableError`.
+            dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.
+            revision: Hub branch, tag or commit.
+            local_files_only: never touch the network (also set by ``HF_HUB_OFFLINE=1``).
+        """
+        root = resolve_source(source, revision=revision, local_files_only=local_files_only)
+        files = read_model_dir(root)
+        name = choose_backend(backend, root)
+        loaded = load_backend(name, root, device=device, dtype=dtype)
+        scheduler = DDIMScheduler.from_config(files.configs["scheduler"])
+        preprocessor = ClipPreprocessor.from_config(files.configs["feature_extractor"])
+        logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
+        return cls(loaded, scheduler, preprocessor)
+
+    def paste(
+        self,
+        obj: Any,
+        background: Any,
+        box: Any = None,
+        *,
+        mask: Any = None,
+        steps: int = 50,
+        guidance: float = 5.0,
+        eta: float = 0.0,
+        seed: int | None = None,
+        latents: Any = None,
+        context: float = 2.0,
+        feather: int | None = None,
+        progress: bool = True,
+        callback: Callable[[int, int, np.ndarray], None] | None = None,
+    ) -> CompositeResult:
+        """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
+
+        Args:
+            obj: the object (PIL image, ``HxWx3``/``HxWx4`` uint8 array, path or bytes). An alpha
+                channel marks a cut-out (see ``composekit.preprocess``).
+            background: the scene, any size, same kinds as ``obj``.
+            box: ``(x0, y0, x1, y1)`` in background pixels, ``x1``/``y1`` exclusive.
+            mask: alternatively (or inside ``box``), an image the background's size whose white
+                pixels (>= 128) are the editable region.
+            steps: DDIM steps. guidance: classifier-free guidance scale (<= 1 disables it).
+            eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+            seed: seed of all noise (drawn on the CPU); None draws one (reported in the result).
+            latents: initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``.
+            context: side of the square context window the model sees, in multiples of the box's
+                longer side (>= 1).
+            feather: width in pixels of the soft edge inside the region; None = 1/16 of the box's
+                shorter side; 0 = hard edge.
+            progress: show a tqdm progress bar. callback: called as ``callback(step, timestep,
+                latents)`` after every step, with the latents as a numpy array.
+
+        Returns:
+            A :class:`CompositeResult`; pixels outside ``result.mask`` equal the background's exactly.
+        """
+        start = time.perf_counter()
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+            raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
+        for name, value in (("guidance", guidance), ("eta", eta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if eta < 0:
+            raise InputError(f"eta must be >= 0, got {eta!r}")
+        if feather is not None and (isinstance(feather, bool) or not isinstance(feather, int) or feather < 0):
+            raise InputError(f"feather must be a non-negative integer or None, got {feather!r}")
+        seed = _seed(seed)
+
+        bg = load_picture(background, "background")
+        ob = load_picture(obj, "object")
+        region_box, region_mask = _region(mask, box, bg.width, bg.height)
+        info = self.backend.info
+
+        # Geometry: context window, model-space hole, object tensor.
+        window = geometry.plan_window(region_box, bg.width, bg.height, info.model_size, context)
+        window_pixels = geometry.crop_window(bg.rgb, window)
+        hole = geometry.model_hole(region_box, window, info.vae_scale_factor, region_mask)
+        object_pixels = self.preprocessor(flatten_cutout(ob.rgb, ob.alpha))
+        prepared = time.perf_counter()
+
+        out = sample(
+            self.backend,
+            self.scheduler,
+            window_pixels,
+            hole,
+            object_pixels,
+            SamplerOptions(steps=int(steps), guidance=float(guidance), eta=float(eta), seed=seed,
+                           progress=progress, callback=callback),
+            latents=latents,
+        )
+
+        # Paste back only the editable region, with the soft edge inside it.
+        pasted = time.perf_counter()
+        x0, y0, x1, y1 = region_box
+        region = region_mask if region_mask is not None else np.ones((y1 - y0, x1 - x0), bool)
+        radius = geometry.default_feather(region_box) if feather is None else feather
+        alpha = geometry.feather_alpha(region, radius)
+        composite = geometry.paste_back(bg.rgb, out.image, window, region_box, alpha)
+        full_mask = np.zeros((bg.height, bg.width), bool)
+        full_mask[y0:y1, x0:x1] = alpha > 0
+        end = time.perf_counter()
+
+        timings = dict(out.timings)
+        timings.update(prepare=prepared - start, paste=end - pasted, total=end - start)
+        return CompositeResult(
+            image=to_caller_kind(composite, bg),
+            mask=full_mask,
+            box=region_box,
+            seed=seed,
+            steps=int(steps),
+            guidance=float(guidance),
+            timings=MappingProxyType(timings),
+        )

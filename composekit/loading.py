@@ -1,0 +1,204 @@
+"""Finding a model on disk or on the Hugging Face Hub, and checking its layout before any weight loads.
+
+A model is a directory in diffusers' Paint-by-Example layout::
+
+    model_index.json
+    feature_extractor/preprocessor_config.json
+    image_encoder/config.json + model.safetensors
+    unet/config.json          + diffusion_pytorch_model.safetensors
+    vae/config.json           + diffusion_pytorch_model.safetensors
+    scheduler/scheduler_config.json
+
+Weights are read only from safetensors; a component that has only pickle files (``.bin``, ``.pt``,
+``.ckpt``) is refused, since unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError, ModelNotFoundError, UnsafeModelFileError
+
+__all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "HUB_ALLOW_PATTERNS"]
+
+logger = logging.getLogger(__name__)
+
+# component -> (config file, is it a weight-bearing component)
+COMPONENTS: dict[str, tuple[str, bool]] = {
+    "image_encoder": ("config.json", True),
+    "unet": ("config.json", True),
+    "vae": ("config.json", True),
+    "scheduler": ("scheduler_config.json", False),
+    "feature_extractor": ("preprocessor_config.json", False),
+}
+FAMILIES = {"PaintByExamplePipeline": "paint_by_example"}
+HUB_ALLOW_PATTERNS = ["model_index.json"] + [
+    f"{name}/{pattern}"
+    for name, (config, weighted) in COMPONENTS.items()
+    for pattern in ([config, "*.safetensors", "*.safetensors.index.json"] if weighted else [config])
+]
+HUB_IGNORE_PATTERNS = ["*.fp16.*", "*non_ema*", "*.ema.*"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A validated model directory: its family, every component's config, and weight file paths."""
+
+    root: Path
+    family: str
+    index: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
+    weights: dict[str, tuple[Path, ...]]
+
+    def component_dir(self, name: str) -> Path:
+        return self.root / name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_repo_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+
+
+def resolve_source(source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False) -> Path:
+    """A local directory for ``source``: the directory itself, or a Hub snapshot (downloaded if needed).
+
+    Only the files composekit uses are fetched (no safety checker, no pickle weights, no fp16
+    variants). ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` restricts to the local cache.
+    """
+    path = Path(os.fspath(source)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model source {str(path)!r} is a file; expected a model directory")
+        return path
+    text = os.fspath(source)
+    if not _looks_like_repo_id(text):
+        raise ModelNotFoundError(
+            f"model source {text!r} is neither an existing directory nor a Hub repo id like "
+            "'Fantasy-Studio/Paint-by-Example'. Check the path, or build an offline model with "
+            "`composekit make-model tiny DIR`."
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = local_files_only or _offline()
+    logger.info("resolving %s from the Hugging Face Hub%s", text, " cache (offline)" if offline else "")
+    try:
+        snapshot = snapshot_download(
+            text,
+            revision=revision,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            local_files_only=offline,
+            library_name="composekit",
+        )
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError) as exc:
+        raise ModelNotFoundError(
+            f"Hub repo {text!r} (revision {revision or 'main'}) is not available: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}. Check the repo id and revision, and log in "
+            "(`hf auth login`) for gated or private repos."
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model {text!r} is not in the local Hugging Face cache and downloading is "
+            f"{'disabled (HF_HUB_OFFLINE / local_files_only)' if offline else 'not possible (no network?)'}. "
+            "Download it once with network access, or pass a local model directory."
+        ) from exc
+    except OSError as exc:  # connection errors surface as OSError subclasses
+        raise ModelNotFoundError(
+            f"could not download {text!r} from the Hugging Face Hub: {exc}. Check the network, set "
+            "HF_HUB_OFFLINE=1 to use the cache only, or pass a local model directory."
+        ) from exc
+    return Path(snapshot)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"missing file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _weights(folder: Path) -> tuple[Path, ...]:
+    files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name)
+    if files:
+        return tuple(files)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeModelFileError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}); composekit loads safetensors only, "
+            "because unpickling can run arbitrary code. Convert them once in a trusted environment "
+            "(load with torch.load(weights_only=True), save with safetensors.torch.save_file) or use a "
+            "revision of the model that ships .safetensors files."
+        )
+    raise ModelError(f"{folder} has no weight file; expected a .safetensors file there")
+
+
+def read_model_dir(root: Path) -> ModelFiles:
+    """Validate a model directory's layout and read its configs (no weights are loaded)."""
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else None
+    if index is None:
+        raise ModelError(
+            f"{root} has no model_index.json; expected a diffusers Paint-by-Example directory "
+            "(model_index.json, image_encoder/, unet/, vae/, scheduler/, feature_extractor/)"
+        )
+    cls = index.get("_class_name")
+    family = FAMILIES.get(cls)
+    if family is None:
+        raise ModelError(
+            f"{root / 'model_index.json'} names pipeline {cls!r}; composekit supports {sorted(FAMILIES)}"
+        )
+    configs: dict[str, dict[str, Any]] = {}
+    weights: dict[str, tuple[Path, ...]] = {}
+    for name, (config_name, weighted) in COMPONENTS.items():
+        folder = root / name
+        if not folder.is_dir():
+            raise ModelError(
+                f"model component {name!r} is missing: no folder {folder}. Re-download the model or "
+                "rebuild it (`composekit make-model`)."
+            )
+        configs[name] = _read_json(folder / config_name)
+        if weighted:
+            weights[name] = _weights(folder)
+    _check_configs(root, configs)
+    return ModelFiles(root=root, family=family, index=index, configs=configs, weights=weights)
+
+
+def _check_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """Cross-component consistency that would otherwise fail deep inside a forward pass."""
+    unet, vae, enc = configs["unet"], configs["vae"], configs["image_encoder"]
+    latent = vae.get("latent_channels", 4)
+    in_ch = unet.get("in_channels")
+    if in_ch not in (latent, 2 * latent + 1):
+        raise ModelError(
+            f"{root / 'unet' / 'config.json'}: in_channels={in_ch}, expected {2 * latent + 1} "
+            f"(noisy latent + masked-background latent + mask) or {latent} for the VAE's {latent} latent channels"
+        )
+    proj = enc.get("projection_dim", 768)
+    cross = unet.get("cross_attention_dim")
+    if cross != proj:
+        raise ModelError(
+            f"unet cross_attention_dim={cross} does not match image_encoder projection_dim={proj}; "
+            "the components come from different models"
+        )

@@ -1,0 +1,105 @@
+"""The object image as the image encoder wants it (CLIP's resize, centre crop and normalisation).
+
+Values come from the model's ``feature_extractor/preprocessor_config.json``, so the tensor equals
+what the model's own ``CLIPImageProcessor`` produces (tested against transformers).
+
+Cut-outs: an object with an alpha channel is first tightened to the bounding box of its visible
+pixels (alpha > 0), composited over white with its (straight) alpha, and padded with white to a
+square, so that CLIP's centre crop cannot cut part of the object off and the transparent area reads
+as a plain white backdrop — the usual presentation of segmented exemplars. Opaque RGB objects go
+through the feature extractor's steps unchanged, exactly as the reference pipeline does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError, ModelError
+
+__all__ = ["ClipPreprocessor", "flatten_cutout"]
+
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _side(value: Any, key: str) -> int:
+    """A square size from the formats transformers writes: int, {"shortest_edge"}, {"height","width"}."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if "height" in value and "width" in value and value["height"] == value["width"]:
+            return int(value["height"])
+    raise ModelError(f"feature_extractor {key}={value!r} is not supported; expected a square size")
+
+
+@dataclass(frozen=True)
+class ClipPreprocessor:
+    """CLIP image preprocessing: shortest edge to ``size`` (bicubic), centre crop ``crop``, scale, normalise."""
+
+    size: int = 224
+    crop: int = 224
+    mean: tuple[float, float, float] = _CLIP_MEAN
+    std: tuple[float, float, float] = _CLIP_STD
+    rescale: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ClipPreprocessor":
+        for flag in ("do_resize", "do_center_crop", "do_normalize", "do_rescale"):
+            if config.get(flag) is False:
+                raise ModelError(f"feature_extractor {flag}=false is not supported by composekit")
+        size = _side(config.get("size", 224), "size")
+        crop = _side(config.get("crop_size", size), "crop_size")
+        return cls(
+            size=size,
+            crop=crop,
+            mean=tuple(config.get("image_mean", _CLIP_MEAN)),
+            std=tuple(config.get("image_std", _CLIP_STD)),
+            rescale=float(config.get("rescale_factor", 1 / 255)),
+            resample=int(config.get("resample", int(Image.Resampling.BICUBIC))),
+        )
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """``HxWx3`` uint8 -> ``1x3xCxC`` float32 pixel values."""
+        h, w = rgb.shape[:2]
+        if h <= w:
+            nh, nw = self.size, int(self.size * w / h)
+        else:
+            nh, nw = int(self.size * h / w), self.size
+        img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling(self.resample))
+        arr = np.asarray(img, dtype=np.float32)
+        top, left = (nh - self.crop) // 2, (nw - self.crop) // 2
+        if top < 0 or left < 0:
+            arr = np.pad(arr, ((max(-top, 0),) * 2, (max(-left, 0),) * 2, (0, 0)))
+            top, left = max(top, 0), max(left, 0)
+        arr = arr[top : top + self.crop, left : left + self.crop]
+        arr = arr * np.float32(self.rescale)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """An RGB object image: cut-outs tightened, composited over white and padded square (see module doc)."""
+    if alpha is None:
+        return rgb
+    ys, xs = np.nonzero(alpha > 0)
+    if ys.size == 0:
+        raise InputError(
+            "object image is fully transparent (alpha is 0 everywhere); pass a cut-out with visible pixels"
+        )
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    a = alpha[y0:y1, x0:x1, None].astype(np.float32) / 255.0
+    obj = rgb[y0:y1, x0:x1].astype(np.float32) * a + 255.0 * (1.0 - a)
+    obj = np.rint(obj).astype(np.uint8)
+    h, w = obj.shape[:2]
+    side = max(h, w)
+    out = np.full((side, side, 3), 255, np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = obj
+    return out

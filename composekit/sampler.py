@@ -1,0 +1,149 @@
+"""The masked DDIM loop, written once against :class:`~composekit.backends.Backend`.
+
+Equation references are to ``docs/method.md`` (from the project's shared method note):
+
+- Paint by Example: the U-Net input is 9 channels, ``[x_t, E(I_bg * (1 - M)), 1 - M]`` (noisy
+  latent, latent of the masked background, keep-mask), and classifier-free guidance uses the
+  model's learned unconditional vector ``v``:
+  ``eps = eps(x_t, v) + s * (eps(x_t, c) - eps(x_t, v))``.
+- ObjectStitch's masked DDIM, for 4-channel U-Nets: after each step, the latent outside the mask is
+  replaced by the background latent noised to the new timestep,
+  ``x_{t-1} <- M * x_{t-1} + (1 - M) * q(z_bg, t-1)``.
+- DDIM: ``x0_hat = (x_t - sqrt(1-a_t) eps) / sqrt(a_t)``,
+  ``x_{t-1} = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1} - sigma^2) eps + sigma z``.
+
+All randomness (initial noise, DDIM's ``z`` for ``eta > 0``, the forward-noising of the background)
+is drawn on the CPU with numpy from the seed, so every backend and device sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends.base import Backend
+from .errors import InputError, NumericalError
+from .scheduler import DDIMScheduler
+
+__all__ = ["SamplerOptions", "SampleOutput", "sample"]
+
+StepCallback = Callable[[int, int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    steps: int = 50
+    guidance: float = 5.0
+    eta: float = 0.0
+    seed: int = 0
+    progress: bool = True
+    callback: StepCallback | None = None
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    image: np.ndarray  # (M, M, 3) uint8, the generated window
+    latents: np.ndarray  # (1, 4, M/f, M/f) float32, the final latent
+    timings: dict[str, float]
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise NumericalError(
+            f"non-finite values (NaN/inf) in the {what}; with float16, retry with dtype='float32'"
+        )
+
+
+def sample(
+    backend: Backend,
+    scheduler: DDIMScheduler,
+    window: np.ndarray,
+    hole: np.ndarray,
+    object_pixels: np.ndarray,
+    options: SamplerOptions,
+    latents: np.ndarray | None = None,
+) -> SampleOutput:
+    """Generate the window ``(M, M, 3)`` uint8 with the ``hole`` ``(M, M)`` (1 = regenerate) filled in."""
+    info = backend.info
+    f, m = info.vae_scale_factor, info.model_size
+    shape = (1, info.latent_channels, m // f, m // f)
+    rng = np.random.default_rng(options.seed)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, start: float) -> float:
+        backend.synchronize()
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - start
+        return now
+
+    t0 = time.perf_counter()
+    # 1. Object -> context tokens c, and the learned unconditional context v (Paint by Example's CFG).
+    cond, uncond = backend.encode_object(object_pixels)
+    t0 = lap("encode_object", t0)
+
+    # 2. Background: the window in [-1, 1]; keep-mask 1 - M at pixel and latent resolution.
+    image = window.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+    keep = 1.0 - hole[None, None].astype(np.float32)
+    keep_latent = keep[:, :, ::f, ::f]  # hole is aligned to the latent grid: nearest == exact
+    nine_channel = info.unet_in_channels == 2 * info.latent_channels + 1
+    if nine_channel:
+        # E(I_bg * (1 - M)): the masked background's latent (posterior mean, scaled).
+        z_bg = backend.encode_image(backend.asarray(image * keep))
+    else:
+        # E(I_bg): the whole window's latent, re-noised into the region outside the mask every step.
+        z_bg = backend.encode_image(backend.asarray(image))
+    keep_latent_b = backend.asarray(keep_latent)
+    t0 = lap("encode_image", t0)
+
+    # 3. x_T: the caller's latents, or N(0, I) drawn on the CPU from the seed (numpy PCG64).
+    if latents is None:
+        x_init = rng.standard_normal(shape, dtype=np.float32)
+    else:
+        x_init = np.asarray(latents, dtype=np.float32)
+        if x_init.shape != shape:
+            raise InputError(f"latents have shape {x_init.shape}; expected {shape} for this model")
+    x = backend.asarray(x_init)  # init_noise_sigma = 1 for DDIM
+
+    cfg = options.guidance > 1.0
+    context = backend.cat([uncond, cond], 0) if cfg else cond
+    batch = 2 if cfg else 1
+    if nine_channel:
+        z_in, keep_in = backend.cat([z_bg] * batch, 0), backend.cat([keep_latent_b] * batch, 0)
+    timesteps = scheduler.timesteps(options.steps)
+
+    # 4. The masked DDIM loop.
+    for i, t in enumerate(tqdm(timesteps, disable=not options.progress, desc="composekit", leave=False)):
+        t = int(t)
+        model_in = backend.cat([x] * batch, 0) if cfg else x
+        if nine_channel:
+            # 4a. U-Net input [x_t, E(I_bg * (1 - M)), 1 - M] (Paint by Example, 9 channels).
+            model_in = backend.cat([model_in, z_in, keep_in], 1)
+        eps = backend.unet(model_in, t, context)
+        if cfg:
+            # 4b. Classifier-free guidance: eps = eps(x, v) + s (eps(x, c) - eps(x, v)).
+            eps = eps[:1] + options.guidance * (eps[1:] - eps[:1])
+        # 4c. DDIM update x_t -> x_{t-1} (sigma from eta; z drawn on the CPU).
+        z = backend.asarray(rng.standard_normal(shape, dtype=np.float32)) if options.eta > 0 else None
+        x, _ = scheduler.step(eps, t, x, options.steps, eta=options.eta, noise=z)
+        if not nine_channel:
+            # 4d. ObjectStitch's masked step: outside M, the background latent noised to t-1.
+            t_prev = scheduler.coefficients(t, options.steps).t_prev
+            noise = backend.asarray(rng.standard_normal(shape, dtype=np.float32))
+            z_bg_t = scheduler.add_noise(z_bg, noise, t_prev) if t_prev >= 0 else z_bg
+            x = x * (1.0 - keep_latent_b) + z_bg_t * keep_latent_b
+        if options.callback is not None:
+            options.callback(i, t, backend.to_numpy(x))
+    t0 = lap("denoise", t0)
+
+    # 5. Decode the window and map [-1, 1] -> uint8.
+    final = backend.to_numpy(x)
+    _check_finite(final, "final latents")
+    decoded = backend.to_numpy(backend.decode(x))[0]
+    _check_finite(decoded, "decoded image")
+    out = np.rint(np.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+    lap("decode", t0)
+    return SampleOutput(image=np.ascontiguousarray(out), latents=final, timings=timings)

@@ -1,0 +1,37 @@
+"""Shared fixtures: one tiny random model per test session, built with composekit's own builder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch", reason="the torch extra is needed for model tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from composekit.random_models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def compositor(tiny_model_dir):
+    from composekit import Compositor
+
+    return Compositor.from_pretrained(tiny_model_dir, device="cpu")
+
+
+def gradient_background(width: int, height: int) -> Image.Image:
+    """A smooth, non-constant RGB background of any size."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.stack(
+        [(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), ((xx + yy) * 7) % 256], axis=-1
+    )
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def noise_object(width: int = 70, height: int = 90, seed: int = 1) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")

@@ -1,0 +1,88 @@
+"""The real `composekit` entry point, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import gradient_background, noise_object
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "composekit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
+    return proc
+
+
+def test_version_does_not_import_torch():
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from composekit.cli import main\ntry:\n main(['--version'])\nexcept SystemExit: pass\n"
+         "assert 'torch' not in sys.modules, 'torch imported'"],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.startswith("composekit ")
+
+
+def test_help_lists_commands():
+    out = run("--help").stdout
+    for cmd in ("paste", "make-model", "env"):
+        assert cmd in out
+
+
+def test_paste_end_to_end(tiny_model_dir, tmp_path):
+    bg = gradient_background(120, 90)
+    bg.save(tmp_path / "bg.png")
+    noise_object().save(tmp_path / "obj.png")
+    out = tmp_path / "out" / "result.png"
+    proc = run("paste", tmp_path / "obj.png", tmp_path / "bg.png", "--box", "10,20,70,80", "-o", out,
+               "--model", tiny_model_dir, "--steps", "2", "--seed", "3", "--device", "cpu", "--json", "-q")
+    info = json.loads(proc.stdout)
+    assert info["seed"] == 3 and info["box"] == [10, 20, 70, 80]
+    result = np.asarray(Image.open(out))
+    outside = np.ones((90, 120), bool)
+    outside[20:80, 10:70] = False
+    np.testing.assert_array_equal(result[outside], np.asarray(bg)[outside])
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["--box", "1,2,3"], 2, "four integers"),
+        (["--box", "0,0,500,500"], 2, "outside"),
+        ([], 2, "--box or --mask"),
+    ],
+)
+def test_bad_arguments(tiny_model_dir, tmp_path, args, code, text):
+    gradient_background(64, 64).save(tmp_path / "bg.png")
+    noise_object().save(tmp_path / "obj.png")
+    proc = run("paste", tmp_path / "obj.png", tmp_path / "bg.png", "-o", tmp_path / "o.png", "--model",
+               tiny_model_dir, "--device", "cpu", *args, check=False)
+    assert proc.returncode == code
+    assert text in proc.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_model_exit_code(tmp_path):
+    gradient_background(64, 64).save(tmp_path / "bg.png")
+    proc = run("paste", tmp_path / "bg.png", tmp_path / "bg.png", "--box", "0,0,8,8", "-o", tmp_path / "o.png",
+               "--model", tmp_path / "missing" / "model" / "x", check=False)
+    assert proc.returncode == 3 and "model error" in proc.stderr
+
+
+def test_make_model_and_env(tmp_path):
+    proc = run("make-model", "tiny", tmp_path / "m", "--seed", "1")
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert "tiny" in proc.stdout
+    proc = run("make-model", "tiny", tmp_path / "m", check=False)
+    assert proc.returncode == 2 and "exists" in proc.stderr
+    env = json.loads(run("env", "--json").stdout)
+    assert env["composekit"] and env["numpy"] and "cuda_devices" in env
