@@ -14,7 +14,7 @@ import numpy as np
 
 from . import geometry
 from .backends import Backend, choose_backend, load_backend
-from .errors import InputError
+from .errors import InputError, ModelError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
 from .preprocess import ClipPreprocessor, flatten_cutout
@@ -87,10 +87,12 @@ class Compositor:
     model and no per-call state, so one instance can serve several threads.
     """
 
-    def __init__(self, backend: Backend, scheduler: DDIMScheduler, preprocessor: ClipPreprocessor) -> None:
+    def __init__(self, backend: Backend, scheduler: DDIMScheduler, preprocessor: ClipPreprocessor,
+                 backdrop: tuple[int, int, int] = (255, 255, 255)) -> None:
         self.backend = backend
         self.scheduler = scheduler
         self.preprocessor = preprocessor
+        self.backdrop = backdrop
 
     def __repr__(self) -> str:
         info = self.backend.info
@@ -128,8 +130,12 @@ class Compositor:
         loaded = load_backend(name, root, device=device, dtype=dtype)
         scheduler = DDIMScheduler.from_config(files.configs["scheduler"])
         preprocessor = ClipPreprocessor.from_config(files.configs["feature_extractor"])
+        backdrop = files.index.get("cutout_backdrop", [255, 255, 255])
+        if not (isinstance(backdrop, list) and len(backdrop) == 3 and all(isinstance(v, int) and 0 <= v <= 255
+                                                                        for v in backdrop)):
+            raise ModelError(f"{root / 'model_index.json'}: cutout_backdrop must be [r, g, b] in 0..255, got {backdrop!r}")
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
-        return cls(loaded, scheduler, preprocessor)
+        return cls(loaded, scheduler, preprocessor, tuple(backdrop))
 
     def paste(
         self,
@@ -192,7 +198,7 @@ class Compositor:
         window = geometry.plan_window(region_box, bg.width, bg.height, info.model_size, context)
         window_pixels = geometry.crop_window(bg.rgb, window)
         hole = geometry.model_hole(region_box, window, info.vae_scale_factor, region_mask)
-        object_pixels = self.preprocessor(flatten_cutout(ob.rgb, ob.alpha))
+        object_pixels = self.preprocessor(flatten_cutout(ob.rgb, ob.alpha, self.backdrop))
         prepared = time.perf_counter()
 
         out = sample(

@@ -2,12 +2,16 @@
 
 A model is a directory in diffusers' Paint-by-Example layout::
 
-    model_index.json
+    model_index.json                 ("_class_name": "PaintByExamplePipeline" or "ObjectStitchPipeline")
     feature_extractor/preprocessor_config.json
     image_encoder/config.json + model.safetensors
     unet/config.json          + diffusion_pytorch_model.safetensors
     vae/config.json           + diffusion_pytorch_model.safetensors
     scheduler/scheduler_config.json
+    adaptor/config.json       + diffusion_pytorch_model.safetensors   (ObjectStitch family only)
+
+For ObjectStitch models ``image_encoder/`` is a plain transformers ``CLIPVisionModel`` and
+``adaptor/`` is composekit's :class:`~composekit.adaptors.ContentAdaptor`.
 
 Weights are read only from safetensors; a component that has only pickle files (``.bin``, ``.pt``,
 ``.ckpt``) is refused, since unpickling can run arbitrary code.
@@ -35,8 +39,13 @@ COMPONENTS: dict[str, tuple[str, bool]] = {
     "vae": ("config.json", True),
     "scheduler": ("scheduler_config.json", False),
     "feature_extractor": ("preprocessor_config.json", False),
+    "adaptor": ("config.json", True),
 }
-FAMILIES = {"PaintByExamplePipeline": "paint_by_example"}
+FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "paint_by_example": ("image_encoder", "unet", "vae", "scheduler", "feature_extractor"),
+    "objectstitch": ("image_encoder", "adaptor", "unet", "vae", "scheduler", "feature_extractor"),
+}
+FAMILIES = {"PaintByExamplePipeline": "paint_by_example", "ObjectStitchPipeline": "objectstitch"}
 HUB_ALLOW_PATTERNS = ["model_index.json"] + [
     f"{name}/{pattern}"
     for name, (config, weighted) in COMPONENTS.items()
@@ -171,7 +180,8 @@ def read_model_dir(root: Path) -> ModelFiles:
         )
     configs: dict[str, dict[str, Any]] = {}
     weights: dict[str, tuple[Path, ...]] = {}
-    for name, (config_name, weighted) in COMPONENTS.items():
+    for name in FAMILY_COMPONENTS[family]:
+        config_name, weighted = COMPONENTS[name]
         folder = root / name
         if not folder.is_dir():
             raise ModelError(
@@ -181,13 +191,13 @@ def read_model_dir(root: Path) -> ModelFiles:
         configs[name] = _read_json(folder / config_name)
         if weighted:
             weights[name] = _weights(folder)
-    _check_configs(root, configs)
+    _check_configs(root, family, configs)
     return ModelFiles(root=root, family=family, index=index, configs=configs, weights=weights)
 
 
-def _check_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:
+def _check_configs(root: Path, family: str, configs: dict[str, dict[str, Any]]) -> None:
     """Cross-component consistency that would otherwise fail deep inside a forward pass."""
-    unet, vae, enc = configs["unet"], configs["vae"], configs["image_encoder"]
+    unet, vae = configs["unet"], configs["vae"]
     latent = vae.get("latent_channels", 4)
     in_ch = unet.get("in_channels")
     if in_ch not in (latent, 2 * latent + 1):
@@ -195,10 +205,19 @@ def _check_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:
             f"{root / 'unet' / 'config.json'}: in_channels={in_ch}, expected {2 * latent + 1} "
             f"(noisy latent + masked-background latent + mask) or {latent} for the VAE's {latent} latent channels"
         )
-    proj = enc.get("projection_dim", 768)
+    if family == "objectstitch":
+        producer, key, proj = "adaptor", "context_dim", configs["adaptor"].get("context_dim", 768)
+        width = configs["image_encoder"].get("hidden_size")
+        if configs["adaptor"].get("width", 1024) != width:
+            raise ModelError(
+                f"adaptor width={configs['adaptor'].get('width', 1024)} does not match the CLIP hidden_size="
+                f"{width} in {root / 'image_encoder' / 'config.json'}; the components come from different models"
+            )
+    else:
+        producer, key, proj = "image_encoder", "projection_dim", configs["image_encoder"].get("projection_dim", 768)
     cross = unet.get("cross_attention_dim")
     if cross != proj:
         raise ModelError(
-            f"unet cross_attention_dim={cross} does not match image_encoder projection_dim={proj}; "
+            f"unet cross_attention_dim={cross} does not match {producer} {key}={proj}; "
             "the components come from different models"
         )

@@ -4,9 +4,10 @@ Values come from the model's ``feature_extractor/preprocessor_config.json``, so 
 what the model's own ``CLIPImageProcessor`` produces (tested against transformers).
 
 Cut-outs: an object with an alpha channel is first tightened to the bounding box of its visible
-pixels (alpha > 0), composited over white with its (straight) alpha, and padded with white to a
+pixels (alpha > 0), composited over the backdrop with its (straight) alpha, and padded with it to a
 square, so that CLIP's centre crop cannot cut part of the object off and the transparent area reads
-as a plain white backdrop — the usual presentation of segmented exemplars. Opaque RGB objects go
+as a plain backdrop (white, or the colour the model's ``model_index.json`` names in
+``cutout_backdrop``: black for ObjectStitch, as BCMI's inference blacks out non-object pixels). Opaque RGB objects go
 through the feature extractor's steps unchanged, exactly as the reference pipeline does.
 """
 
@@ -84,8 +85,13 @@ class ClipPreprocessor:
         return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
-def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    """An RGB object image: cut-outs tightened, composited over white and padded square (see module doc)."""
+def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None,
+                   backdrop: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """An RGB object image: cut-outs tightened, composited over ``backdrop`` and padded square.
+
+    The backdrop is white for Paint by Example and black for ObjectStitch models (BCMI's inference
+    blacks out non-object pixels); a model's ``model_index.json`` may set ``cutout_backdrop``.
+    """
     if alpha is None:
         return rgb
     ys, xs = np.nonzero(alpha > 0)
@@ -95,11 +101,13 @@ def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
         )
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     a = alpha[y0:y1, x0:x1, None].astype(np.float32) / 255.0
-    obj = rgb[y0:y1, x0:x1].astype(np.float32) * a + 255.0 * (1.0 - a)
+    back = np.asarray(backdrop, np.float32)
+    obj = rgb[y0:y1, x0:x1].astype(np.float32) * a + back * (1.0 - a)
     obj = np.rint(obj).astype(np.uint8)
     h, w = obj.shape[:2]
     side = max(h, w)
-    out = np.full((side, side, 3), 255, np.uint8)
+    out = np.empty((side, side, 3), np.uint8)
+    out[...] = np.asarray(backdrop, np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
     out[top : top + h, left : left + w] = obj
     return out

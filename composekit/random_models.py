@@ -16,22 +16,20 @@ Needs the ``torch`` extra (torch, diffusers, transformers).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 
-__all__ = ["SIZES", "make_random_model", "component_configs"]
+__all__ = ["SIZES", "FAMILIES", "make_random_model", "component_configs", "model_index"]
 
 logger = logging.getLogger(__name__)
 
 SIZES = ("tiny", "full")
+FAMILIES = ("paint_by_example", "objectstitch")
 
 _SCHEDULER = dict(
     beta_start=0.00085,
@@ -58,6 +56,7 @@ def component_configs(size: str) -> dict[str, dict[str, Any]]:
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
             ),
+            "adaptor": dict(width=32, context_dim=32, tokens_in=257, tokens_out=77, num_blocks=1, num_heads=1),
             "vae": dict(
                 sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                 block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
@@ -77,6 +76,7 @@ def component_configs(size: str) -> dict[str, dict[str, Any]]:
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                 cross_attention_dim=768, attention_head_dim=8,
             ),
+            "adaptor": dict(width=1024, context_dim=768, tokens_in=257, tokens_out=77, num_blocks=5, num_heads=1),
             "vae": dict(
                 sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                 block_out_channels=(128, 256, 512, 512),
@@ -86,33 +86,53 @@ def component_configs(size: str) -> dict[str, dict[str, Any]]:
     raise InputError(f"model size {size!r} is not known; expected one of {SIZES}")
 
 
-def make_random_model(out_dir: str | os.PathLike, size: str = "tiny", *, seed: int = 0,
-                      overwrite: bool = False) -> Path:
-    """Write a random Paint-by-Example model directory for ``size``, deterministic from ``seed``.
+def make_random_model(
+    out_dir: str | os.PathLike,
+    size: str = "tiny",
+    *,
+    family: str = "paint_by_example",
+    adaptor: str = "mapper",
+    unet_channels: int = 9,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random model directory of ``family`` and ``size``, deterministic from ``seed``.
 
-    The directory appears atomically: it is built beside ``out_dir`` and renamed into place, so a
-    failure never leaves a half-written model that would load.
+    ``family="objectstitch"`` adds a content adaptor of kind ``adaptor`` (``"mapper"`` or
+    ``"conv1d"``) after a plain CLIP vision tower; ``unet_channels=4`` gives a plain SD U-Net (the
+    4-channel masked-DDIM path) instead of the 9-channel inpainting one. The directory appears
+    atomically (see :mod:`composekit.modeldir`).
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    from .adaptors import KINDS, ContentAdaptor
     from .backends.torch_backend import image_encoder_class, quiet_loading
+    from .modeldir import write_model_dir
 
+    if family not in FAMILIES:
+        raise InputError(f"model family {family!r} is not known; expected one of {FAMILIES}")
+    if family == "objectstitch" and adaptor not in KINDS:
+        raise InputError(f"adaptor kind {adaptor!r} is not known; expected one of {KINDS}")
+    if unet_channels not in (4, 9):
+        raise InputError(f"unet_channels must be 9 (inpainting U-Net) or 4 (plain SD U-Net), got {unet_channels!r}")
     configs = component_configs(size)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if Path(out_dir).exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
 
     torch.manual_seed(seed)
     with quiet_loading(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision-fallback and deprecation notices, not actionable here
-        from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
-
+        warnings.simplefilter("ignore")  # transformers' torchvision-fallback notice, not actionable here
         processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
-    encoder = image_encoder_class()(CLIPVisionConfig(**configs["clip"])).eval()
-    unet = UNet2DConditionModel(**configs["unet"]).eval()
+    clip_config = CLIPVisionConfig(**configs["clip"])
+    components: dict[str, Any] = {}
+    if family == "objectstitch":
+        components["image_encoder"] = CLIPVisionModel(clip_config).eval()
+        components["adaptor"] = ContentAdaptor(kind=adaptor, **configs["adaptor"]).eval()
+    else:
+        components["image_encoder"] = image_encoder_class()(clip_config).eval()
+    components["unet"] = UNet2DConditionModel(**dict(configs["unet"], in_channels=unet_channels)).eval()
     vae = AutoencoderKL(**configs["vae"]).eval()
     with torch.no_grad():
         # A trained SD VAE's posterior is very narrow (sampling it is the mean, to ~1e-4). A random
@@ -120,35 +140,33 @@ def make_random_model(out_dir: str | os.PathLike, size: str = "tiny", *, seed: i
         latent = configs["vae"]["latent_channels"]
         vae.quant_conv.weight[latent:] = 0.0
         vae.quant_conv.bias[latent:] = -30.0
-    pipe = PaintByExamplePipeline(
-        vae=vae,
-        image_encoder=encoder,
-        unet=unet,
-        scheduler=PNDMScheduler(**_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=processor,
-        requires_safety_checker=False,
-    )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        with quiet_loading():
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(tmp / "safety_checker", ignore_errors=True)
-        # Record the classes under the names a Paint-by-Example index uses for them (pipeline-local
-        # module for the encoder; the processor's public class, not transformers' PIL fallback).
-        # composekit reads each folder's config itself and does not import what the index names.
-        index_path = tmp / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
-        index["image_encoder"] = ["paint_by_example", "PaintByExampleImageEncoder"]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    n = sum(p.numel() for m in (encoder, unet, vae) for p in m.parameters())
-    logger.info("wrote random %s model (%d parameters, seed %d) to %s", size, n, seed, out)
+    components.update(vae=vae, scheduler=PNDMScheduler(**_SCHEDULER), feature_extractor=processor)
+    out = write_model_dir(out_dir, components, model_index(family, adaptor if family == "objectstitch" else None),
+                          overwrite=overwrite)
+    n = sum(p.numel() for m in components.values() if hasattr(m, "parameters") for p in m.parameters())
+    logger.info("wrote random %s %s model (%d parameters, seed %d) to %s", size, family, n, seed, out)
     return out
+
+
+def model_index(family: str, adaptor: str | None = None) -> dict[str, Any]:
+    """``model_index.json`` for a family, naming classes as a diffusers index does.
+
+    composekit reads each component's own config and does not import what the index names.
+    """
+    from diffusers import __version__ as diffusers_version
+
+    from . import __version__
+
+    common = {
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if family == "objectstitch":
+        return dict(common, _class_name="ObjectStitchPipeline", _composekit_version=__version__,
+                    image_encoder=["transformers", "CLIPVisionModel"], adaptor=["composekit", "ContentAdaptor"],
+                    adaptor_kind=adaptor, cutout_backdrop=[0, 0, 0])
+    return dict(common, _class_name="PaintByExamplePipeline", requires_safety_checker=False,
+                safety_checker=[None, None], image_encoder=["paint_by_example", "PaintByExampleImageEncoder"])

@@ -107,14 +107,17 @@ class TorchBackend:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        PaintByExampleImageEncoder = image_encoder_class()
-
         self.device, self.dtype = device, dtype
-        loaders = {
-            "image_encoder": PaintByExampleImageEncoder,
-            "unet": UNet2DConditionModel,
-            "vae": AutoencoderKL,
-        }
+        self.family = files.family
+        loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+        if files.family == "objectstitch":
+            from transformers import CLIPVisionModel
+
+            from ..adaptors import ContentAdaptor
+
+            loaders.update(image_encoder=CLIPVisionModel, adaptor=ContentAdaptor)
+        else:
+            loaders.update(image_encoder=image_encoder_class())
         modules = {}
         for name, cls in loaders.items():
             try:
@@ -128,6 +131,7 @@ class TorchBackend:
                 ) from exc
             modules[name] = module.eval().requires_grad_(False)
         self.image_encoder, self.unet_model, self.vae = modules["image_encoder"], modules["unet"], modules["vae"]
+        self.adaptor = modules.get("adaptor")
         vae_cfg, unet_cfg = self.vae.config, self.unet_model.config
         scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.scaling = float(vae_cfg.scaling_factor)
@@ -162,6 +166,13 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_object(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.adaptor is not None:
+            # ObjectStitch: all 257 CLIP tokens, CLIP's post layer norm, then the content adaptor.
+            hidden = self.image_encoder(pixel_values=self.asarray(pixels)).last_hidden_state
+            clip = getattr(self.image_encoder, "vision_model", self.image_encoder)  # transformers 4 vs 5 layout
+            cond = self.adaptor(clip.post_layernorm(hidden))
+            return cond, self.adaptor.unconditional(cond.shape[0])
+        # Paint by Example: CLIP's class token through the mapper (one context token).
         cond, uncond = self.image_encoder(self.asarray(pixels), return_uncond_vector=True)
         return cond, uncond.to(cond.dtype).expand(cond.shape[0], -1, -1)
 

@@ -1,0 +1,7 @@
+"""``python -m export`` runs ``composekit-export``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The ``composekit-export`` command.
+
+    composekit-export convert-objectstitch ObjectStitch.pth CLIP_DIR OUT_DIR [--size full|tiny]
+    composekit-export adaptor-params
+
+Exit codes as for ``composekit``: 0 ok, 2 bad input, 3 model problem, 1 other composekit error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from composekit.errors import ComposekitError, InputError, ModelError
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert_objectstitch import convert_objectstitch
+
+    report = convert_objectstitch(args.checkpoint, args.clip_dir, args.output, size=args.size,
+                                  overwrite=args.overwrite)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {v} tensors" for k, v in report.mapped.items()))
+    for reason, keys in report.ignored.items():
+        print(f"  not converted ({reason}): {len(keys)} keys")
+    if report.unmapped:
+        print(f"  UNMAPPED ({len(report.unmapped)}), see {args.output}/conversion_report.json: {report.unmapped[:5]}")
+    print(f"  {report.schedule_check}; CLIP weights from {report.clip_weights_from}")
+    return 0
+
+
+def _adaptor_params(args: argparse.Namespace) -> int:
+    import torch
+
+    from composekit.adaptors import ContentAdaptor
+    from composekit.random_models import component_configs
+
+    cfg = component_configs(args.size)["adaptor"]
+    rows = {}
+    for kind in ("mapper", "conv1d"):
+        torch.manual_seed(0)
+        adaptor = ContentAdaptor(kind=kind, **cfg).eval()
+        with torch.no_grad():
+            out = adaptor(torch.zeros(1, cfg["tokens_in"], cfg["width"]))
+        rows[kind] = {"parameters": sum(p.numel() for p in adaptor.parameters()),
+                      "input": [cfg["tokens_in"], cfg["width"]], "context": list(out.shape[1:])}
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="composekit-export", description="composekit's export toolchain")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("convert-objectstitch", help="convert BCMI's ObjectStitch.pth into composekit's layout",
+                       description="Convert BCMI's ObjectStitch.pth (+ its CLIP ViT-L/14 folder) into an "
+                       "ObjectStitch model directory. Pickle is read with torch.load(weights_only=True) only.")
+    c.add_argument("checkpoint", help="ObjectStitch.pth (or a .safetensors state dict)")
+    c.add_argument("clip_dir", help="the CLIP folder shipped with it (openai-clip-vit-large-patch14)")
+    c.add_argument("output", help="model directory to create")
+    c.add_argument("--size", choices=["full", "tiny"], default="full",
+                   help="architecture of the U-Net/VAE (full = SD 1.x, the public checkpoint; tiny = tests)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_convert)
+    a = sub.add_parser("adaptor-params", help="print the content adaptors' parameter counts and shapes")
+    a.add_argument("--size", choices=["full", "tiny"], default="full")
+    a.set_defaults(func=_adaptor_params)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"composekit-export: error: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"composekit-export: model error: {exc}", file=sys.stderr)
+        return 3
+    except ComposekitError as exc:
+        print(f"composekit-export: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
