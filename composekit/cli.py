@@ -1,7 +1,7 @@
 """The ``composekit`` command line.
 
     composekit paste OBJ BG --box X0,Y0,X1,Y1 -o OUT --model DIR_OR_REPO [--steps N] [--seed K]
-    composekit make-model tiny|full OUT [--seed K]
+    composekit make-model tiny|full OUT [--family F] [--adaptor A] [--unet-channels 9|4] [--seed K]
     composekit demo [DIR]
     composekit env
 
@@ -65,8 +65,9 @@ def _cmd_paste(args: argparse.Namespace) -> int:
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from .random_models import make_random_model
 
-    out = make_random_model(args.output, args.size, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote random {args.size} Paint-by-Example model to {out}")
+    out = make_random_model(args.output, args.size, family=args.family, adaptor=args.adaptor,
+                            unet_channels=args.unet_channels, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote random {args.size} {args.family} model to {out}")
     return EXIT_OK
 
 
@@ -151,11 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_paste)
 
     m = sub.add_parser("make-model", help="write a random model in the real on-disk layout",
-                       description="Write a randomly initialised Paint-by-Example model directory "
+                       description="Write a randomly initialised model directory "
                        "(diffusers layout, safetensors). tiny: seconds on CPU, for tests and demos. "
                        "full: real SD 1.x dimensions (~5 GB), for latency benchmarks.")
     m.add_argument("size", choices=["tiny", "full"])
     m.add_argument("output", help="directory to create")
+    m.add_argument("--family", choices=["paint_by_example", "objectstitch"], default="paint_by_example")
+    m.add_argument("--adaptor", choices=["mapper", "conv1d"], default="mapper",
+                   help="ObjectStitch content adaptor (default mapper)")
+    m.add_argument("--unet-channels", type=int, choices=[9, 4], default=9,
+                   help="9 = inpainting U-Net (default), 4 = plain SD U-Net (masked-DDIM path)")
     m.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     m.set_defaults(func=_cmd_make_model)

@@ -84,5 +84,9 @@ def test_make_model_and_env(tmp_path):
     assert "tiny" in proc.stdout
     proc = run("make-model", "tiny", tmp_path / "m", check=False)
     assert proc.returncode == 2 and "exists" in proc.stderr
+    run("make-model", "tiny", tmp_path / "os", "--family", "objectstitch", "--adaptor", "conv1d", "--unet-channels", "4")
+    index = json.loads((tmp_path / "os" / "model_index.json").read_text())
+    assert index["_class_name"] == "ObjectStitchPipeline" and index["adaptor_kind"] == "conv1d"
+    assert json.loads((tmp_path / "os" / "unet" / "config.json").read_text())["in_channels"] == 4
     env = json.loads(run("env", "--json").stdout)
     assert env["composekit"] and env["numpy"] and "cuda_devices" in env
