@@ -17,6 +17,7 @@ from .backends import Backend, choose_backend, load_backend
 from .errors import InputError, ModelError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
+from .manifest import is_export_dir, read_manifest
 from .preprocess import ClipPreprocessor, flatten_cutout
 from .sampler import SamplerOptions, sample
 from .scheduler import DDIMScheduler
@@ -111,6 +112,7 @@ class Compositor:
         dtype: Any = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        **backend_options: Any,
     ) -> "Compositor":
         """Load a model from a local directory or a Hugging Face Hub repo id.
 
@@ -123,17 +125,26 @@ class Compositor:
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.
             revision: Hub branch, tag or commit.
             local_files_only: never touch the network (also set by ``HF_HUB_OFFLINE=1``).
+            backend_options: passed to the backend. ``onnxruntime``: ``providers`` (a list, wins over
+                ``device``), ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization``
+                (``"disable" | "basic" | "extended" | "all"``).
         """
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
-        files = read_model_dir(root)
         name = choose_backend(backend, root)
-        loaded = load_backend(name, root, device=device, dtype=dtype)
-        scheduler = DDIMScheduler.from_config(files.configs["scheduler"])
-        preprocessor = ClipPreprocessor.from_config(files.configs["feature_extractor"])
-        backdrop = files.index.get("cutout_backdrop", [255, 255, 255])
+        if is_export_dir(root):
+            manifest = read_manifest(root, verify=False)  # the backend verifies the files it loads
+            scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
+            backdrop = manifest.cutout_backdrop
+        else:
+            files = read_model_dir(root)
+            scheduler_cfg, extractor_cfg = files.configs["scheduler"], files.configs["feature_extractor"]
+            backdrop = files.index.get("cutout_backdrop", [255, 255, 255])
+        loaded = load_backend(name, root, device=device, dtype=dtype, **backend_options)
+        scheduler = DDIMScheduler.from_config(scheduler_cfg)
+        preprocessor = ClipPreprocessor.from_config(extractor_cfg)
         if not (isinstance(backdrop, list) and len(backdrop) == 3 and all(isinstance(v, int) and 0 <= v <= 255
                                                                         for v in backdrop)):
-            raise ModelError(f"{root / 'model_index.json'}: cutout_backdrop must be [r, g, b] in 0..255, got {backdrop!r}")
+            raise ModelError(f"{root}: cutout_backdrop must be [r, g, b] in 0..255, got {backdrop!r}")
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
         return cls(loaded, scheduler, preprocessor, tuple(backdrop))
 

@@ -1,6 +1,7 @@
 """The ``composekit-export`` command.
 
     composekit-export convert-objectstitch ObjectStitch.pth CLIP_DIR OUT_DIR [--size full|tiny]
+    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
     composekit-export adaptor-params
 
 Exit codes as for ``composekit``: 0 ok, 2 bad input, 3 model problem, 1 other composekit error.
@@ -27,6 +28,21 @@ def _convert(args: argparse.Namespace) -> int:
     if report.unmapped:
         print(f"  UNMAPPED ({len(report.unmapped)}), see {args.output}/conversion_report.json: {report.unmapped[:5]}")
     print(f"  {report.schedule_check}; CLIP weights from {report.clip_weights_from}")
+    return 0
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    manifest = export_onnx(args.model_dir, args.output, precision="fp16" if args.fp16 else "fp32",
+                           dynamic_spatial=args.dynamic_spatial, opset=args.opset, check=not args.no_check,
+                           overwrite=args.overwrite)
+    print(f"wrote {args.output} ({manifest['precision']}, opset {manifest['opset']})")
+    for name, c in manifest["components"].items():
+        size = c["bytes"] + sum(e["bytes"] for e in c["external_data"])
+        err = c["max_abs_error_vs_torch"]
+        err_text = "not checked" if err is None else f"max |onnxruntime - torch| = {err:.3g}"
+        print(f"  {name:<15} {size / 1e6:10.1f} MB  {c['export_seconds']:7.1f} s  {err_text}")
     return 0
 
 
@@ -62,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="architecture of the U-Net/VAE (full = SD 1.x, the public checkpoint; tiny = tests)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_convert)
+    o = sub.add_parser("onnx", help="export a model directory to ONNX graphs + manifest.json",
+                       description="Export the object encoder, U-Net, VAE encoder and VAE decoder to ONNX, check "
+                       "each against PyTorch with onnxruntime, and write manifest.json. Load the result with "
+                       "Compositor.from_pretrained(OUT_DIR, backend='onnxruntime').")
+    o.add_argument("model_dir", help="model directory (diffusers layout)")
+    o.add_argument("output", help="export directory to create")
+    o.add_argument("--fp16", action="store_true", help="export fp16 graphs (default fp32)")
+    o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
+    o.add_argument("--overwrite", action="store_true")
+    o.set_defaults(func=_onnx)
+
     a = sub.add_parser("adaptor-params", help="print the content adaptors' parameter counts and shapes")
     a.add_argument("--size", choices=["full", "tiny"], default="full")
     a.set_defaults(func=_adaptor_params)

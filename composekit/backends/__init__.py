@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, InputError
+from ..manifest import is_export_dir
 from .base import Backend, ModelInfo
 
 __all__ = ["Backend", "ModelInfo", "BACKENDS", "load_backend", "choose_backend"]
@@ -17,16 +19,21 @@ logger = logging.getLogger(__name__)
 # name -> (module, loader function, the pip extra that provides it)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "torch": ("composekit.backends.torch_backend", "load", "composekit[torch]"),
+    "onnxruntime": ("composekit.backends.onnxruntime_backend", "load", "composekit[onnx]"),
 }
 
 
 def choose_backend(requested: str, model_dir: Path) -> str:
-    """Resolve ``"auto"``; an explicit name always wins (and is checked)."""
+    """Resolve ``"auto"``; an explicit name always wins (and is checked).
+
+    ``"auto"`` picks ``"onnxruntime"`` for an export directory (one with ``manifest.json``) and
+    ``"torch"`` for a diffusers-layout model directory, and logs the choice.
+    """
     if requested != "auto":
         if requested not in BACKENDS:
             raise InputError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(BACKENDS)}")
         return requested
-    choice = "torch"
+    choice = "onnxruntime" if is_export_dir(model_dir) else "torch"
     logger.info("backend='auto' chose %r for %s", choice, model_dir)
     return choice
 
@@ -41,4 +48,9 @@ def load_backend(name: str, model_dir: Path, **options: Any) -> Backend:
             f"backend {name!r} needs a package that is not installed ({exc.name or exc}); "
             f"install it with `pip install '{extra}'`"
         ) from exc
-    return getattr(module, func)(model_dir, **options)
+    loader = getattr(module, func)
+    accepted = set(inspect.signature(loader).parameters) - {"model_dir"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InputError(f"backend {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted)}")
+    return loader(model_dir, **options)

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..loading import ModelFiles, read_model_dir
+from ..manifest import is_export_dir
 from .base import ModelInfo
 
 __all__ = ["TorchBackend", "load"]
@@ -192,6 +193,10 @@ class TorchBackend:
 
 def load(model_dir: Path, *, device: Any = None, dtype: Any = None) -> TorchBackend:
     """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``."""
+    if is_export_dir(Path(model_dir)):
+        raise ModelError(
+            f"{model_dir} is an exported (ONNX) model; load it with backend='onnxruntime' (or 'auto')"
+        )
     files = read_model_dir(Path(model_dir))
     dev = _device(device)
     dt = _dtype(dtype, dev)

@@ -1,0 +1,193 @@
+"""ONNX Runtime backend: runs an exported model (``composekit-export onnx``) without PyTorch.
+
+Arrays are numpy float32 on the host; each graph call casts to the graph's precision and back, so
+the sampler's arithmetic stays in float32 whatever the export precision.
+
+Providers: an explicit ``providers`` list wins. Otherwise ``device="cuda"`` asks for the CUDA
+execution provider (TensorRT's first when present) and raises if neither is available;
+``device=None`` takes CUDA when onnxruntime offers it and the CPU otherwise, and logs the choice.
+
+Not done yet: IO binding on CUDA (latents are copied host <-> device at each graph call), and the
+CUDA path has not been run by the project (no GPU with onnxruntime-gpu was available).
+
+ONNX Runtime sessions may be run from several threads at once, so one backend serves concurrent
+callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, InputError, ModelError
+from ..manifest import ExportManifest, is_export_dir, read_manifest
+from ..specs import COMPONENT_NAMES
+from .base import ModelInfo
+
+__all__ = ["OnnxRuntimeBackend", "load"]
+
+logger = logging.getLogger(__name__)
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+def _providers(ort, device: Any, providers: Sequence[Any] | None) -> list[Any]:
+    available = ort.get_available_providers()
+    if providers is not None:
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise BackendUnavailableError(
+                f"onnxruntime providers {unknown} are not available here (available: {available}); "
+                "install onnxruntime-gpu for CUDA/TensorRT providers"
+            )
+        return list(providers)
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if device is None:
+        chosen = gpu + ["CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        logger.info("device=None: onnxruntime providers %s (available: %s)", chosen, available)
+        return chosen
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        if not gpu:
+            raise BackendUnavailableError(
+                f"device {device!r} was requested but onnxruntime offers no GPU provider (available: {available}); "
+                "install onnxruntime-gpu (`pip install 'composekit[gpu]'`) or pass device='cpu'"
+            )
+        index = int(str(device).split(":")[1]) if ":" in str(device) else 0
+        return [(p, {"device_id": index}) for p in gpu] + ["CPUExecutionProvider"]
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    raise InputError(f"device {device!r} is not supported by the onnxruntime backend; use 'cpu' or 'cuda'")
+
+
+def check_external_data(path: Path, root: Path) -> None:
+    """Refuse a graph whose external-data references leave ``root`` (absolute, ``..``, symlinks).
+
+    Reads only the graph's protobuf (``load_external_data=False``), never the referenced files.
+    """
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "checking an exported graph's external data needs the onnx package: `pip install 'composekit[onnx]'`"
+        ) from exc
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = root / location
+        if (not location or os.path.isabs(location) or ".." in Path(location).parts or target.is_symlink()
+                or not target.resolve().is_relative_to(root.resolve())):
+            raise ModelError(
+                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the export "
+                f"directory {root}; refusing to load it (re-export the model)"
+            )
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: ExportManifest, providers: list[Any], session_options: Any) -> None:
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        self.sessions = {}
+        for name in COMPONENT_NAMES:
+            path = manifest.path(name)
+            check_external_data(path, manifest.root)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), sess_options=session_options,
+                                                           providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ModelError(f"onnxruntime could not load {path}: {exc}") from exc
+        self.providers = self.sessions["unet"].get_providers()
+        self.float = np.float16 if manifest.precision == "fp16" else np.float32
+        dims = manifest.dims
+        self.info = ModelInfo(
+            family=manifest.family,
+            model_size=dims.model_size,
+            vae_scale_factor=dims.vae_scale_factor,
+            latent_channels=dims.latent_channels,
+            unet_in_channels=dims.unet_in_channels,
+            source=str(manifest.root),
+        )
+
+    def describe(self) -> str:
+        return f"{self.providers[0]}, {self.manifest.precision}"
+
+    def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        feeds = {k: (v if v.dtype == np.int64 else v.astype(self.float, copy=False)) for k, v in inputs.items()}
+        return [o.astype(np.float32, copy=False) for o in self.sessions[name].run(None, feeds)]
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def asarray(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+    def cat(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(xs, axis=axis)
+
+    def synchronize(self) -> None:
+        return None
+
+    # -- the four components ----------------------------------------------------------------------
+
+    def encode_object(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        context, uncond = self._run("object_encoder", pixel_values=self.asarray(pixels))
+        return context, uncond
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        return self._run("vae_encoder", image=image)[0]
+
+    def unet(self, sample: np.ndarray, timestep: int, context: np.ndarray) -> np.ndarray:
+        t = np.full((sample.shape[0],), int(timestep), dtype=np.int64)
+        return self._run("unet", sample=sample, timestep=t, encoder_hidden_states=context)[0]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self._run("vae_decoder", latent=latents)[0]
+
+
+def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
+         intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+         graph_optimization: str = "all") -> OnnxRuntimeBackend:
+    """Load an export directory. ``dtype`` must be None or the export's precision (it is fixed at export)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the onnxruntime backend needs onnxruntime: `pip install 'composekit[onnx]'` (CPU) or "
+            "`pip install 'composekit[gpu]'` (CUDA)"
+        ) from exc
+    model_dir = Path(model_dir)
+    if not is_export_dir(model_dir):
+        raise ModelError(
+            f"{model_dir} is not an exported model (no manifest.json); export it first with "
+            f"`composekit-export onnx {model_dir} OUT_DIR`, or use backend='torch'"
+        )
+    manifest = read_manifest(model_dir)
+    if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") not in (manifest.precision,):
+        raise InputError(
+            f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; "
+            "re-export with the precision you want or pass dtype=None"
+        )
+    if graph_optimization not in _OPT_LEVELS:
+        raise InputError(f"graph_optimization must be one of {sorted(_OPT_LEVELS)}, got {graph_optimization!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization])
+    for attr, value in (("intra_op_num_threads", intra_op_threads), ("inter_op_num_threads", inter_op_threads)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{attr.replace('_num', '')} must be a non-negative integer, got {value!r}")
+            setattr(options, attr, value)
+    return OnnxRuntimeBackend(manifest, _providers(ort, device, providers), options)

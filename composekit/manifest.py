@@ -1,0 +1,123 @@
+"""The ``manifest.json`` of an exported model: everything the exported-model runtimes need.
+
+An export directory holds one ONNX graph per component (``object_encoder.onnx``, ``unet.onnx``,
+``vae_encoder.onnx``, ``vae_decoder.onnx``, with ``*.onnx.data`` external data for graphs over 2 GB)
+and this manifest: composekit version, source model and family, model dimensions, precision,
+opset, the scheduler and feature-extractor configs, and per component its files with sha256 and
+size, input/output names, shapes and dtypes, and the error measured against PyTorch at export.
+
+Reading a manifest verifies every listed file's sha256 and that no file lies outside the
+directory, so a tampered or half-copied export is refused before any graph is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .specs import COMPONENT_NAMES, ModelDims
+
+__all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
+
+MANIFEST = "manifest.json"
+FORMAT = "composekit-onnx"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_export_dir(root: Path) -> bool:
+    return (root / MANIFEST).is_file()
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root / name``, refusing absolute paths, ``..`` and symlinks that lead outside ``root``."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ModelError(f"{root / MANIFEST}: file name {name!r} must be a plain name inside the export directory")
+    path = root / name
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise ModelError(f"{path} leads outside the export directory {root}; refusing to read it")
+    return path
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        return str(self.data["source"]["family"])
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims.from_dict(self.data["dims"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.data["precision"])
+
+    @property
+    def scheduler(self) -> dict[str, Any]:
+        return dict(self.data["scheduler"])
+
+    @property
+    def feature_extractor(self) -> dict[str, Any]:
+        return dict(self.data["feature_extractor"])
+
+    @property
+    def cutout_backdrop(self) -> list[int]:
+        return list(self.data.get("cutout_backdrop", [255, 255, 255]))
+
+    def component(self, name: str) -> dict[str, Any]:
+        return dict(self.data["components"][name])
+
+    def path(self, name: str) -> Path:
+        return _inside(self.root, self.data["components"][name]["file"])
+
+
+def read_manifest(root: str | os.PathLike, verify: bool = True) -> ExportManifest:
+    """Parse and check ``root/manifest.json``; with ``verify`` also check every file's sha256."""
+    root = Path(root)
+    try:
+        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{root} has no {MANIFEST}; it is not a composekit export (run `composekit-export onnx`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{root / MANIFEST} is not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{root / MANIFEST} is not a {FORMAT} manifest; re-export the model")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{root / MANIFEST} has format_version {data.get('format_version')!r}; this composekit reads "
+            f"{FORMAT_VERSION}. Re-export the model with this composekit version."
+        )
+    for key in ("source", "dims", "precision", "scheduler", "feature_extractor", "components"):
+        if key not in data:
+            raise ModelError(f"{root / MANIFEST} lacks {key!r}; re-export the model")
+    missing = [c for c in COMPONENT_NAMES if c not in data["components"]]
+    if missing:
+        raise ModelError(f"{root / MANIFEST} lacks component(s) {missing}; re-export the model")
+    for name in COMPONENT_NAMES:
+        entry = data["components"][name]
+        for item in [entry] + list(entry.get("external_data", [])):
+            path = _inside(root, item["file"])
+            if not path.is_file():
+                raise ModelError(f"{path} is missing; the export is incomplete. Re-export or copy it again.")
+            if verify and sha256_file(path) != item["sha256"]:
+                raise ModelError(
+                    f"{path} does not match the sha256 in {root / MANIFEST}: the file was modified or copied "
+                    "incompletely. Re-export the model."
+                )
+    return ExportManifest(root, data)

@@ -1,0 +1,238 @@
+"""Export a model directory's four components to ONNX, with a manifest the runtime needs nothing beside.
+
+    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
+
+For each component of :mod:`composekit.specs` (object encoder = CLIP + adaptor/mapper as one
+graph; U-Net; VAE encoder; VAE decoder):
+
+1. wrap the PyTorch module so its signature is the spec's (scaling factor baked into the VAE graphs);
+2. export with ``torch.onnx.export`` (TorchScript exporter; batch always dynamic, spatial axes on
+   request), consolidating weights into one ``NAME.onnx.data`` file when the graph is over 2 GB;
+3. run ``onnx.checker`` and compare ONNX Runtime (CPU) against PyTorch on the spec's sample inputs,
+   recording the max abs error in the manifest.
+
+Everything is written into a temporary folder beside ``OUT_DIR`` and renamed into place at the end,
+so a failed export leaves no directory that would load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from composekit.errors import InputError
+from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from composekit.specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
+
+__all__ = ["export_onnx"]
+
+logger = logging.getLogger(__name__)
+_TWO_GB = 2 * 1024**3 - 1024**2  # protobuf's hard limit, with a little room
+
+
+def _graphs(backend) -> dict[str, Any]:
+    """torch modules whose forward has exactly the spec's inputs and outputs."""
+    import torch
+
+    scaling = backend.scaling
+
+    class ObjectEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.adaptor = backend.image_encoder, backend.adaptor
+
+        def forward(self, pixel_values):
+            if self.adaptor is not None:
+                clip = getattr(self.encoder, "vision_model", self.encoder)
+                hidden = self.encoder(pixel_values=pixel_values).last_hidden_state
+                context = self.adaptor(clip.post_layernorm(hidden))
+                return context, self.adaptor.unconditional(pixel_values.shape[0])
+            context, uncond = self.encoder(pixel_values, return_uncond_vector=True)
+            return context, uncond.expand(pixel_values.shape[0], -1, -1)
+
+    class UNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = backend.unet_model
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = backend.vae
+
+        def forward(self, image):
+            return self.vae.encode(image).latent_dist.mean * scaling
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = backend.vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent / scaling, return_dict=False)[0]
+
+    return {"object_encoder": ObjectEncoder().eval(), "unet": UNet().eval(), "vae_encoder": VaeEncoder().eval(),
+            "vae_decoder": VaeDecoder().eval()}
+
+
+def _export_one(module, spec: ComponentSpec, scratch: Path, dest: Path, opset: int, float_dtype: str) -> list[dict]:
+    """Export ``module`` to ``dest/spec.file``; returns the external-data files written (if any)."""
+    import onnx
+    import torch
+
+    inputs = spec.sample_inputs(float_dtype)
+    args = tuple(torch.from_numpy(inputs[n]) for n in spec.input_names)
+    work = scratch / spec.name
+    work.mkdir()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer notes on shape asserts in diffusers' blocks
+        torch.onnx.export(module, args, str(work / spec.file), input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(),
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    big = sum(f.stat().st_size for f in work.iterdir()) > _TWO_GB
+    model = onnx.load(str(work / spec.file), load_external_data=True)
+    data_name = f"{spec.file}.data"
+    if big:
+        onnx.save_model(model, str(dest / spec.file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dest / spec.file))
+    del model
+    shutil.rmtree(work)
+    onnx.checker.check_model(str(dest / spec.file))
+    return [{"file": data_name}] if big else []
+
+
+def _check_one(module, spec: ComponentSpec, path: Path, float_dtype: str) -> float:
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch on the spec's sample inputs."""
+    import onnxruntime as ort
+    import torch
+
+    inputs = spec.sample_inputs(float_dtype, batch=2 if spec.name == "unet" else 1, seed=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, inputs)
+    def as_ref(a: np.ndarray):
+        t = torch.from_numpy(a)
+        return t if a.dtype == np.int64 else t.float()  # the reference runs in fp32
+
+    with torch.no_grad():
+        ref = module(*(as_ref(inputs[n]) for n in spec.input_names))
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    return max(float(np.abs(g.astype(np.float32) - r.float().numpy()).max()) for g, r in zip(got, ref))
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    dynamic_spatial: bool = False,
+    opset: int = 17,
+    check: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export ``model_dir`` (a diffusers-layout model directory) to ``out_dir``; returns the manifest."""
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    from composekit import __version__
+    from composekit.backends.torch_backend import load as load_torch
+    from composekit.loading import read_model_dir
+
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
+    files = read_model_dir(Path(model_dir))
+    # fp16 graphs are traced from fp16 modules (CPU kernels suffice for tracing).
+    backend = load_torch(Path(model_dir), device="cpu", dtype="float16" if precision == "fp16" else "float32")
+    float_dtype = "float16" if precision == "fp16" else "float32"
+    info = backend.info
+    with torch.no_grad():
+        probe, _ = backend.encode_object(np.zeros((1, 3, 224, 224), np.float32))
+    dims = ModelDims(model_size=info.model_size, vae_scale_factor=info.vae_scale_factor,
+                     latent_channels=info.latent_channels, unet_in_channels=info.unet_in_channels,
+                     context_tokens=int(probe.shape[1]), context_dim=int(probe.shape[2]))
+    specs = component_specs(dims, dynamic_spatial=dynamic_spatial)
+    graphs = _graphs(backend)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch.", dir=out.parent))
+    components: dict[str, Any] = {}
+    try:
+        os.chmod(tmp, 0o755)
+        for name in COMPONENT_NAMES:
+            spec = specs[name]
+            start = time.perf_counter()
+            external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
+            seconds = time.perf_counter() - start
+            error = None
+            if check:
+                # The reference is fp32 from the same weights, so for fp16 the error includes fp16 rounding.
+                reference = _fp32_copy(graphs[name]) if precision == "fp16" else graphs[name]
+                error = _check_one(reference, spec, tmp / spec.file, float_dtype)
+                logger.info("%s: max |onnxruntime - torch| = %.3g", name, error)
+            for item in external:
+                item.update(sha256=sha256_file(tmp / item["file"]), bytes=(tmp / item["file"]).stat().st_size)
+            components[name] = {
+                "file": spec.file,
+                "sha256": sha256_file(tmp / spec.file),
+                "bytes": (tmp / spec.file).stat().st_size,
+                "external_data": external,
+                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64"
+                            else float_dtype} for t in spec.inputs],
+                "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],
+                "max_abs_error_vs_torch": error,
+                "export_seconds": round(seconds, 2),
+            }
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "composekit_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model": str(Path(model_dir).resolve()), "family": files.family,
+                       "class_name": files.index.get("_class_name")},
+            "dims": dims.to_dict(),
+            "precision": precision,
+            "opset": opset,
+            "dynamic_spatial": dynamic_spatial,
+            "scheduler": files.configs["scheduler"],
+            "feature_extractor": files.configs["feature_extractor"],
+            "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+            "components": components,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
+
+
+def _fp32_copy(module):
+    import copy
+
+    return copy.deepcopy(module).float()

@@ -1,0 +1,186 @@
+"""ONNX export and the onnxruntime backend, on tiny models of both families (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from composekit import BackendUnavailableError, Compositor, InputError, ModelError
+from composekit.random_models import make_random_model
+from conftest import gradient_background, noise_object
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+BOX = (20, 10, 100, 80)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir):
+    from export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
+    out = {"paint_by_example": (tiny_model_dir, root / "pbe"), "objectstitch": (os_model, root / "os")}
+    for src, dst in out.values():
+        export_onnx(src, dst)
+    return out
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_onnxruntime_matches_torch(exported, family):
+    src, dst = exported[family]
+    torch_comp = Compositor.from_pretrained(src, device="cpu")
+    ort_comp = Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu")
+    assert ort_comp.backend.name == "onnxruntime" and ort_comp.backend.info.family == family
+    bg, obj = gradient_background(140, 100), noise_object()
+    lat_t, lat_o = [], []
+    a = torch_comp.paste(obj, bg, BOX, steps=5, seed=3, progress=False, callback=lambda i, t, x: lat_t.append(x))
+    b = ort_comp.paste(obj, bg, BOX, steps=5, seed=3, progress=False, callback=lambda i, t, x: lat_o.append(x))
+    assert np.abs(lat_t[-1] - lat_o[-1]).max() <= 1e-3
+    assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 2
+    np.testing.assert_array_equal(np.asarray(b.image)[~b.mask], np.asarray(bg)[~b.mask])
+
+
+def test_manifest_describes_what_the_runtime_uses(exported):
+    _, dst = exported["paint_by_example"]
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["source"]["family"] == "paint_by_example" and manifest["precision"] == "fp32"
+    assert manifest["dims"]["unet_in_channels"] == 9 and manifest["opset"] == 17
+    for name, c in manifest["components"].items():
+        assert len(c["sha256"]) == 64 and c["bytes"] > 0 and c["inputs"] and c["outputs"]
+        assert c["max_abs_error_vs_torch"] < 1e-4, name
+    assert manifest["scheduler"]["beta_schedule"] == "scaled_linear"
+
+
+def test_export_survives_deleting_the_source_and_does_not_import_torch(exported, tmp_path, tiny_model_dir):
+    from export.onnx_export import export_onnx
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    export_onnx(src, tmp_path / "export")
+    shutil.rmtree(src)
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from composekit import Compositor
+        comp = Compositor.from_pretrained({str(tmp_path / 'export')!r}, backend="auto", device="cpu")
+        bg = np.full((90, 120, 3), 100, np.uint8)
+        r = comp.paste(np.full((30, 30, 3), 200, np.uint8), bg, (10, 10, 60, 60), steps=2, seed=0, progress=False)
+        assert (r.image[~r.mask] == bg[~r.mask]).all()
+        assert "torch" not in sys.modules, "the onnxruntime path imported torch"
+        print(comp.backend.name)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "onnxruntime"
+
+
+def test_fp16_graphs_load_and_run(tmp_path, tiny_model_dir):
+    from export.onnx_export import export_onnx
+
+    manifest = export_onnx(tiny_model_dir, tmp_path / "fp16", precision="fp16")
+    errors = {k: v["max_abs_error_vs_torch"] for k, v in manifest["components"].items()}
+    # Measured against the fp32 PyTorch reference: fp16 rounding, stated, not hidden.
+    assert all(e < 5e-2 for e in errors.values()), errors
+    comp = Compositor.from_pretrained(tmp_path / "fp16", backend="onnxruntime", device="cpu")
+    assert "fp16" in comp.backend.describe()
+    bg = gradient_background(64, 64)
+    r = comp.paste(noise_object(), bg, (8, 8, 40, 40), steps=2, seed=0, progress=False)
+    np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(bg)[~r.mask])
+
+
+def test_tampered_or_incomplete_exports_are_refused(exported, tmp_path):
+    _, dst = exported["paint_by_example"]
+    copy = tmp_path / "copy"
+    shutil.copytree(dst, copy)
+    with open(copy / "unet.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        Compositor.from_pretrained(copy, backend="onnxruntime")
+    (copy / "unet.onnx").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Compositor.from_pretrained(copy, backend="onnxruntime")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["components"]["unet"]["file"] = "../unet.onnx"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="inside the export directory"):
+        Compositor.from_pretrained(copy, backend="onnxruntime")
+
+
+def test_external_data_outside_the_directory_is_refused_without_reading_it(exported, tmp_path):
+    import onnx
+
+    from composekit.manifest import sha256_file
+
+    _, dst = exported["paint_by_example"]
+    copy = tmp_path / "evil"
+    shutil.copytree(dst, copy)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\1" * 64)
+    model = onnx.load(str(copy / "vae_decoder.onnx"))
+    tensor = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "64")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    with open(copy / "vae_decoder.onnx", "wb") as f:
+        f.write(model.SerializeToString())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["vae_decoder"]["sha256"] = sha256_file(copy / "vae_decoder.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    before = secret.stat().st_atime_ns
+    with pytest.raises(ModelError, match="outside the export"):
+        Compositor.from_pretrained(copy, backend="onnxruntime")
+    assert secret.stat().st_atime_ns == before
+
+
+def test_provider_and_option_errors(exported, tiny_model_dir):
+    import onnxruntime
+
+    _, dst = exported["paint_by_example"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+            Compositor.from_pretrained(dst, backend="onnxruntime", device="cuda")
+        with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+            Compositor.from_pretrained(dst, backend="onnxruntime", providers=["CUDAExecutionProvider"])
+    comp = Compositor.from_pretrained(dst, backend="onnxruntime", providers=["CPUExecutionProvider"],
+                                      intra_op_threads=1, graph_optimization="basic")
+    assert comp.backend.providers == ["CPUExecutionProvider"]
+    with pytest.raises(InputError, match="graph_optimization"):
+        Compositor.from_pretrained(dst, backend="onnxruntime", graph_optimization="max")
+    with pytest.raises(InputError, match="takes no option"):
+        Compositor.from_pretrained(dst, backend="onnxruntime", threads=2)
+    with pytest.raises(InputError, match="precision"):
+        Compositor.from_pretrained(dst, backend="onnxruntime", dtype="float16")
+    with pytest.raises(ModelError, match="onnxruntime"):
+        Compositor.from_pretrained(dst, backend="torch")
+    with pytest.raises(ModelError, match="composekit-export onnx"):
+        Compositor.from_pretrained(tiny_model_dir, backend="onnxruntime")
+
+
+def test_failed_export_leaves_no_directory(tiny_model_dir, tmp_path, monkeypatch):
+    import export.onnx_export as ox
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(ox, "_check_one", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ox.export_onnx(tiny_model_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_cli(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "export", "onnx", tiny_model_dir, tmp_path / "cli"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "unet" in proc.stdout and "max |onnxruntime - torch|" in proc.stdout
+    assert (tmp_path / "cli" / "manifest.json").exists()
