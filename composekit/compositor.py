@@ -66,6 +66,8 @@ def _region(mask: Any, box: Any, width: int, height: int) -> tuple[geometry.Box,
         if box is None:
             raise InputError("give a box=(x0, y0, x1, y1) or a mask= where the object should go")
         return geometry.validate_box(box, width, height), None
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
+        mask = mask.astype(np.uint8) * 255
     pic = load_picture(mask, "mask")
     if (pic.width, pic.height) != (width, height):
         raise InputError(
@@ -172,8 +174,8 @@ class Compositor:
                 channel marks a cut-out (see ``composekit.preprocess``).
             background: the scene, any size, same kinds as ``obj``.
             box: ``(x0, y0, x1, y1)`` in background pixels, ``x1``/``y1`` exclusive.
-            mask: alternatively (or inside ``box``), an image the background's size whose white
-                pixels (>= 128) are the editable region.
+            mask: alternatively (or inside ``box``), an image or array the background's size whose
+                white pixels (>= 128, or True for a bool array) are the editable region.
             steps: DDIM steps. guidance: classifier-free guidance scale (<= 1 disables it).
             eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
             seed: seed of all noise (drawn on the CPU); None draws one (reported in the result).

@@ -1,10 +1,22 @@
 """Turning the caller's images into arrays, and the result back into the caller's kind.
 
-Accepted: a PIL image, a numpy array (``HxW``, ``HxWx3`` or ``HxWx4`` uint8), a path
-(``str``/``os.PathLike``) or encoded ``bytes``. Files and bytes are decoded with Pillow, only in the
-allowed formats, with EXIF orientation applied and the first frame of animations taken. PIL images
-and arrays are taken as the pixels they are (no EXIF rotation). The caller's objects are never
-modified: every conversion copies.
+Accepted: a PIL image, a numpy array (``HxW``, ``HxWx3`` or ``HxWx4``), a path
+(``str``/``os.PathLike``) or encoded ``bytes``. The caller's objects are never modified: every
+conversion copies.
+
+Rules, the same for every input:
+
+- Files and bytes are decoded with Pillow only in :data:`ALLOWED_FORMATS` (detected from the
+  content, whatever the file name says), with EXIF orientation applied and the first frame of an
+  animation taken. Their pixel count is checked against :data:`MAX_PIXELS` from the header, before
+  any pixel is decoded (change it with :func:`set_max_pixels`). PIL images and arrays are taken as
+  the pixels they are (no EXIF rotation, no pixel limit: they are decoded already).
+- Modes: ``RGB`` as is; ``RGBA``, ``LA``, ``PA`` and ``P`` with transparency keep their alpha
+  (straight alpha); ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` are converted to RGB by Pillow;
+  16-bit images (``I;16*``, ``I``) are scaled from 0..65535 to 0..255 and float images (``F``) from
+  0..1 to 0..255 — scaled, not clipped at 255; float values outside 0..1 are an error.
+- Arrays: ``uint8`` as is, ``uint16`` scaled like 16-bit images, ``float16/32/64`` in 0..1 scaled to
+  0..255; ``bool`` only as a mask; any other dtype is an error.
 """
 
 from __future__ import annotations
@@ -20,9 +32,21 @@ from PIL import Image, ImageOps
 
 from .errors import InputError
 
-__all__ = ["ALLOWED_FORMATS", "Picture", "load_picture", "to_caller_kind"]
+__all__ = ["ALLOWED_FORMATS", "MAX_PIXELS", "Picture", "load_picture", "to_caller_kind", "set_max_pixels"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+# Decoded images larger than this are refused (see set_max_pixels). The default is Pillow's own
+# decompression-bomb threshold, 89,478,485 pixels (e.g. 9459 x 9459); Pillow additionally refuses
+# anything over twice its PIL.Image.MAX_IMAGE_PIXELS, so raise that too for larger images.
+MAX_PIXELS = 89_478_485
+
+
+def set_max_pixels(limit: int) -> None:
+    """Set the largest pixel count (width x height) composekit decodes from a file or bytes."""
+    global MAX_PIXELS
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InputError(f"the pixel limit must be a positive integer, got {limit!r}")
+    MAX_PIXELS = limit
 Kind = Literal["pil", "numpy", "path", "bytes"]
 
 
@@ -59,14 +83,21 @@ def _open(data: Any, what: str) -> Image.Image:
         stream, label = open(path, "rb"), f"{what} file {path!r}"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(stream, formats=list(ALLOWED_FORMATS))
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # composekit's own limit governs
+            img = Image.open(stream, formats=list(ALLOWED_FORMATS))  # reads the header only
+            if img.width * img.height > MAX_PIXELS:
+                raise InputError(
+                    f"{label} is {img.width}x{img.height} = {img.width * img.height:,} pixels, over the limit of "
+                    f"{MAX_PIXELS:,}; refused before decoding. If you trust it, raise the limit with "
+                    "composekit.images.set_max_pixels(N)"
+                )
             img.seek(0)
             img = ImageOps.exif_transpose(img)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
-            f"{label} is too large to decode safely ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+            f"{label} is over the limit Pillow allows ({exc}); refused before decoding. If you trust it, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS and composekit.images.set_max_pixels(N)"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(
@@ -77,12 +108,28 @@ def _open(data: Any, what: str) -> Image.Image:
     return img
 
 
+def _to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    """Scale 16-bit (0..65535) and float (0..1) pixel values to uint8; refuse anything else."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
+    if arr.dtype in (np.float16, np.float32, np.float64):
+        if not np.isfinite(arr).all():
+            raise InputError(f"{what} has NaN or inf pixel values; expected finite floats in 0..1")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError(
+                f"{what} has float pixel values in [{lo:g}, {hi:g}]; expected 0..1. Scale it, or pass uint8 0..255"
+            )
+        return np.rint(arr.astype(np.float32) * 255.0).astype(np.uint8)
+    raise InputError(
+        f"{what} has dtype {arr.dtype}; expected uint8 (0..255), uint16 (0..65535) or float (0..1)"
+    )
+
+
 def _from_array(arr: np.ndarray, what: str) -> Image.Image:
-    if arr.dtype != np.uint8:
-        raise InputError(
-            f"{what} array has dtype {arr.dtype}; expected uint8 (0..255). Convert it, e.g. "
-            "(np.clip(a, 0, 1) * 255).round().astype(np.uint8) for floats in [0, 1]"
-        )
+    arr = _to_uint8(arr, f"{what} array")
     if arr.ndim == 2:
         return Image.fromarray(np.ascontiguousarray(arr), mode="L")
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
@@ -112,8 +159,15 @@ def load_picture(image: Any, what: str = "image") -> Picture:
         raise InputError(f"{what} is empty ({img.width}x{img.height})")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    elif img.mode in ("LA", "PA"):
+    elif img.mode in ("LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
+    elif img.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer images
+        arr = np.asarray(img).astype(np.float64)
+        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
+            raise InputError(f"{what} is a {img.mode} image with values outside 0..65535; expected 8- or 16-bit")
+        img = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32), f"{what} (float image)"), "L")
     if img.mode == "RGBA":
         arr = np.array(img, dtype=np.uint8)
         return Picture(arr[..., :3].copy(), arr[..., 3].copy(), "RGBA", kind)

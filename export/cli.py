@@ -2,9 +2,11 @@
 
     composekit-export convert-objectstitch ObjectStitch.pth CLIP_DIR OUT_DIR [--size full|tiny]
     composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
+    composekit-export tensorrt ONNX_DIR ENGINE_DIR [--fp32] [--timing-cache FILE]
     composekit-export adaptor-params
 
-Exit codes as for ``composekit``: 0 ok, 2 bad input, 3 model problem, 1 other composekit error.
+Exit codes as for ``composekit``: 0 ok, 2 bad input, 3 model problem, 4 missing dependency or GPU,
+1 other composekit error.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import sys
 
-from composekit.errors import ComposekitError, InputError, ModelError
+from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -43,6 +45,15 @@ def _onnx(args: argparse.Namespace) -> int:
         err = c["max_abs_error_vs_torch"]
         err_text = "not checked" if err is None else f"max |onnxruntime - torch| = {err:.3g}"
         print(f"  {name:<15} {size / 1e6:10.1f} MB  {c['export_seconds']:7.1f} s  {err_text}")
+    return 0
+
+
+def _tensorrt(args: argparse.Namespace) -> int:
+    from .tensorrt_build import build_engines
+
+    engines = build_engines(args.onnx_dir, args.output, fp16=not args.fp32, timing_cache=args.timing_cache,
+                            workspace_gb=args.workspace_gb, overwrite=args.overwrite)
+    print(f"wrote {len(engines)} engines to {args.output}")
     return 0
 
 
@@ -91,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--overwrite", action="store_true")
     o.set_defaults(func=_onnx)
 
+    t = sub.add_parser("tensorrt", help="build TensorRT engines from an ONNX export (needs TensorRT and a GPU)",
+                       description="Build one engine per component with the spec's optimisation profiles, fp16 by "
+                       "default, reusing a timing cache; write a JSON sidecar beside each engine. Not yet run by "
+                       "the project: see export/tensorrt_build.py.")
+    t.add_argument("onnx_dir", help="an ONNX export directory (composekit-export onnx)")
+    t.add_argument("output", help="engine directory to create")
+    t.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
+    t.add_argument("--timing-cache", help="timing cache file (default: composekit-timing.cache beside OUTPUT)")
+    t.add_argument("--workspace-gb", type=float, default=None)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_tensorrt)
+
     a = sub.add_parser("adaptor-params", help="print the content adaptors' parameter counts and shapes")
     a.add_argument("--size", choices=["full", "tiny"], default="full")
     a.set_defaults(func=_adaptor_params)
@@ -107,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"composekit-export: model error: {exc}", file=sys.stderr)
         return 3
+    except BackendUnavailableError as exc:
+        print(f"composekit-export: unavailable: {exc}", file=sys.stderr)
+        return 4
     except ComposekitError as exc:
         print(f"composekit-export: error: {exc}", file=sys.stderr)
         return 1

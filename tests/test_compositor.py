@@ -201,7 +201,8 @@ def test_bad_regions_are_input_errors(compositor, args):
 
 
 @pytest.mark.parametrize(
-    "bad", [None, 3, "does/not/exist.png", b"not an image", np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4), np.float32)]
+    "bad", [None, 3, "does/not/exist.png", b"not an image", np.zeros((4, 4, 2), np.uint8),
+            np.full((4, 4), 2.0, np.float32), np.zeros((4, 4), np.int32)]
 )
 def test_bad_images_are_input_errors(compositor, bad):
     with pytest.raises(InputError):

@@ -100,6 +100,54 @@ def image_encoder_class() -> type:
     return PaintByExampleImageEncoder
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_weight_dtypes(files: ModelFiles, name: str) -> None:
+    """Every stored tensor must be floating point (integer index buffers excepted); names the tensor."""
+    from safetensors import safe_open
+
+    for path in files.weights[name]:
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in _FLOAT_DTYPES and not key.endswith(("position_ids", "num_batches_tracked")):
+                    raise ModelError(f"{path}: tensor {key!r} has dtype {dtype}; expected a float type")
+
+
+def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device, dtype: torch.dtype):
+    """Load one component strictly: every weight present, of the right shape, finite."""
+    _check_weight_dtypes(files, name)
+    folder = files.component_dir(name)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True}
+    if not hasattr(cls, "config_class"):  # diffusers models: report missing keys instead of failing on meta tensors
+        kwargs["low_cpu_mem_usage"] = False
+    try:
+        with quiet_loading():
+            module, info = cls.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"could not load {name} from {folder}: {exc}. The weights do not match the config; re-download the "
+            "model or rebuild it."
+        ) from exc
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+    if missing:
+        raise ModelError(f"{folder}: {len(missing)} weight(s) missing from the checkpoint, e.g. {missing[:5]}; "
+                         "re-download the model")
+    if mismatched:
+        raise ModelError(f"{folder}: weight(s) with the wrong shape for the config: {mismatched[:5]}")
+    if info.get("unexpected_keys"):
+        logger.warning("%s: %d weight(s) in the files are not used, e.g. %s", folder, len(info["unexpected_keys"]),
+                       sorted(info["unexpected_keys"])[:5])
+    for key, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"{folder}: tensor {key!r} holds NaN or inf values; the weights are corrupt")
+    with quiet_loading():
+        module = module.to(device=device, dtype=dtype)
+    return module.eval().requires_grad_(False)
+
+
 class TorchBackend:
     """The four components as torch modules."""
 
@@ -119,18 +167,7 @@ class TorchBackend:
             loaders.update(image_encoder=CLIPVisionModel, adaptor=ContentAdaptor)
         else:
             loaders.update(image_encoder=image_encoder_class())
-        modules = {}
-        for name, cls in loaders.items():
-            try:
-                with quiet_loading():
-                    module = cls.from_pretrained(str(files.component_dir(name)), use_safetensors=True)
-                    module = module.to(device=device, dtype=dtype)
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
-                raise ModelError(
-                    f"could not load {name} from {files.component_dir(name)}: {exc}. The weights do not match "
-                    "the config; re-download the model or rebuild it."
-                ) from exc
-            modules[name] = module.eval().requires_grad_(False)
+        modules = {name: _load_component(cls, files, name, device, dtype) for name, cls in loaders.items()}
         self.image_encoder, self.unet_model, self.vae = modules["image_encoder"], modules["unet"], modules["vae"]
         self.adaptor = modules.get("adaptor")
         vae_cfg, unet_cfg = self.vae.config, self.unet_model.config
