@@ -44,21 +44,49 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _read_input(value: str, stdin_used: list[bool]):
+    """A file path, or ``-`` for the bytes on standard input (once)."""
+    if value != "-":
+        return value
+    if stdin_used:
+        raise InputError("only one of OBJECT and BACKGROUND can be read from standard input ('-')")
+    stdin_used.append(True)
+    return sys.stdin.buffer.read()
+
+
 def _cmd_paste(args: argparse.Namespace) -> int:
     from . import Compositor
 
-    comp = Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                      local_files_only=args.offline)
+    used: list[bool] = []
+    obj, background = _read_input(args.object, used), _read_input(args.background, used)
+    to_stdout = args.output == "-"
+    say = sys.stderr if to_stdout else sys.stdout
+
+    if args.model is None:
+        if args.method == "generative":
+            raise InputError("--method generative needs --model (a model directory or Hub repo id)")
+        comp = Compositor()
+    else:
+        comp = Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                          local_files_only=args.offline)
     result = comp.paste(
-        args.object, args.background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
-        eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet,
+        obj, background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
+        eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet, method=args.method,
     )
-    save_image_atomic(result.image, args.output)
+    if to_stdout:
+        result.image.save(sys.stdout.buffer, format=args.format)
+        sys.stdout.buffer.flush()
+    else:
+        save_image_atomic(result.image, args.output)
     if args.json:
         print(json.dumps({"output": str(args.output), "box": result.box, "seed": result.seed,
-                          "steps": result.steps, "timings": dict(result.timings)}, indent=2))
+                          "steps": result.steps, "timings": dict(result.timings)}, indent=2), file=say)
     elif not args.quiet:
-        print(f"wrote {args.output} (seed {result.seed}, {result.timings['total']:.2f} s)")
+        print(f"wrote {args.output} ({'classic' if result.steps == 0 else f'seed {result.seed}'}, "
+              f"{result.timings['total']:.2f} s)", file=say)
+        if args.model is None:
+            print("classic method (no model). For generative compositing add --model Fantasy-Studio/Paint-by-Example",
+                  file=say)
     return EXIT_OK
 
 
@@ -72,13 +100,17 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_BOX, demo_images, run_demo
 
-    paths = run_demo(args.output, steps=args.steps)
-    print(f"wrote {paths['composite']} (from {paths['object']} pasted into {paths['background']}, "
-          f"with the tiny random model in {paths['model']})")
-    print("Random weights show the mechanics, not quality. For real composites:\n"
-          f"  composekit paste {paths['object']} {paths['background']} --box 250,230,410,390 -o out.png "
+    paths = run_demo(args.output, generative=args.generative, steps=args.steps)
+    print(f"wrote {paths['classic']}: {paths['object']} pasted into {paths['background']} with the classic method "
+          f"({demo_images()[2]})")
+    if "generative" in paths:
+        print(f"wrote {paths['generative']} with a tiny random model ({paths['model']}): random weights show the "
+              "mechanics, not quality")
+    box = ",".join(map(str, DEMO_BOX))
+    print("For a generative composite with the published Paint-by-Example weights (~5 GB, downloaded once):\n"
+          f"  composekit paste {paths['object']} {paths['background']} --box {box} -o out.png "
           "--model Fantasy-Studio/Paint-by-Example")
     return EXIT_OK
 
@@ -117,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generative object compositing: paste an object into a background so it belongs, "
         "leaving every pixel outside the edited region unchanged.",
         epilog="examples:\n"
-        "  composekit demo                      # offline: example images + tiny model\n"
+        "  composekit demo                      # offline, no weights: example photographs -> a composite\n"
+        "  composekit paste obj.png bg.jpg --box 120,80,360,400 -o out.png   # classic method, no model\n"
         "  composekit make-model tiny ./tiny-model\n"
         "  composekit paste obj.png bg.jpg --box 120,80,360,400 -o out.png --model ./tiny-model\n"
         "  composekit paste obj.png bg.jpg --box 120,80,360,400 -o out.png "
@@ -131,13 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("paste", help="composite an object into a background",
                        description="Composite OBJECT into BACKGROUND inside --box (or --mask).")
-    p.add_argument("object", help="object image file (an alpha channel marks a cut-out)")
-    p.add_argument("background", help="background image file")
+    p.add_argument("object", help="object image file, or - for standard input (an alpha channel marks a cut-out)")
+    p.add_argument("background", help="background image file, or - for standard input")
     p.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 in background pixels (X1, Y1 exclusive)")
     p.add_argument("--mask", help="mask image file, background-sized; white = editable")
-    p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp, ...)")
-    p.add_argument("--model", required=True,
-                   help="model directory or Hub repo id (offline: build one with `composekit make-model tiny DIR`)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output image file (.png, .jpg, .webp, ...), or - for standard output")
+    p.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "WEBP", "BMP", "TIFF"],
+                   help="image format when writing to standard output (default PNG)")
+    p.add_argument("--model", default=None,
+                   help="model directory, ONNX export or Hub repo id; without it the weights-free classic method runs")
+    p.add_argument("--method", choices=["generative", "classic"], default=None,
+                   help="default: generative with --model, classic without")
     p.add_argument("--backend", default="torch", help="backend: torch or auto (default: torch)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
@@ -166,11 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     m.set_defaults(func=_cmd_make_model)
 
-    d = sub.add_parser("demo", help="offline first run: example images + tiny random model -> a composite",
-                       description="Write example images, build a tiny random model (no download) and "
-                       "composite them into DIR/composite.png.")
+    d = sub.add_parser("demo", help="offline first run: example photographs -> a composite, no weights",
+                       description="Write example images and composite them into DIR/classic.png with the "
+                       "weights-free classic method; --generative also builds a tiny random model and writes "
+                       "DIR/generative.png.")
     d.add_argument("output", nargs="?", default="composekit-demo", help="folder to write (default ./composekit-demo)")
-    d.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    d.add_argument("--generative", action="store_true", help="also run the generative method with a tiny random model")
+    d.add_argument("--steps", type=int, default=20, help="DDIM steps for --generative (default 20)")
     d.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")

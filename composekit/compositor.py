@@ -90,14 +90,19 @@ class Compositor:
     model and no per-call state, so one instance can serve several threads.
     """
 
-    def __init__(self, backend: Backend, scheduler: DDIMScheduler, preprocessor: ClipPreprocessor,
+    def __init__(self, backend: Backend | None = None, scheduler: DDIMScheduler | None = None,
+                 preprocessor: ClipPreprocessor | None = None,
                  backdrop: tuple[int, int, int] = (255, 255, 255)) -> None:
+        """``Compositor()`` with no model is the weights-free ``classic`` compositor; use
+        :meth:`from_pretrained` for the generative one."""
         self.backend = backend
         self.scheduler = scheduler
         self.preprocessor = preprocessor
         self.backdrop = backdrop
 
     def __repr__(self) -> str:
+        if self.backend is None:
+            return "Compositor(method='classic', no model)"
         info = self.backend.info
         return (
             f"Compositor(model={info.source!r}, family={info.family!r}, backend={self.backend.name!r}, "
@@ -166,6 +171,9 @@ class Compositor:
         feather: int | None = None,
         progress: bool = True,
         callback: Callable[[int, int, np.ndarray], None] | None = None,
+        method: str | None = None,
+        harmonize: float = 0.5,
+        shadow: float = 0.35,
     ) -> CompositeResult:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
@@ -186,6 +194,11 @@ class Compositor:
                 shorter side; 0 = hard edge.
             progress: show a tqdm progress bar. callback: called as ``callback(step, timestep,
                 latents)`` after every step, with the latents as a numpy array.
+            method: ``"generative"`` (the model) or ``"classic"`` (no model: scale, colour-harmonise,
+                feather and shadow the object in milliseconds; see :mod:`composekit.classic`). None =
+                generative when a model is loaded, classic otherwise.
+            harmonize, shadow: classic method only: colour-transfer strength and contact-shadow
+                darkness, each in 0..1.
 
         Returns:
             A :class:`CompositeResult`; pixels outside ``result.mask`` equal the background's exactly.
@@ -201,10 +214,25 @@ class Compositor:
         if feather is not None and (isinstance(feather, bool) or not isinstance(feather, int) or feather < 0):
             raise InputError(f"feather must be a non-negative integer or None, got {feather!r}")
         seed = _seed(seed)
+        method = method or ("generative" if self.backend is not None else "classic")
+        if method not in ("generative", "classic"):
+            raise InputError(f"method must be 'generative' or 'classic', got {method!r}")
+        if method == "generative" and self.backend is None:
+            raise InputError(
+                "this Compositor has no model, so only method='classic' is available; load one with "
+                "Compositor.from_pretrained('Fantasy-Studio/Paint-by-Example') for generative compositing"
+            )
+        for name, value in (("harmonize", harmonize), ("shadow", shadow)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise InputError(f"{name} must be a number in 0..1, got {value!r}")
 
         bg = load_picture(background, "background")
         ob = load_picture(obj, "object")
+        if ob.alpha is not None and not ob.alpha.any():
+            raise InputError("object image is fully transparent (alpha is 0 everywhere); pass a cut-out with visible pixels")
         region_box, region_mask = _region(mask, box, bg.width, bg.height)
+        if method == "classic":
+            return self._classic(bg, ob, region_box, region_mask, seed, start, feather, harmonize, shadow)
         info = self.backend.info
 
         # Geometry: context window, model-space hole, object tensor.
@@ -247,3 +275,17 @@ class Compositor:
             guidance=float(guidance),
             timings=MappingProxyType(timings),
         )
+
+    def _classic(self, bg, ob, region_box, region_mask, seed: int, start: float, feather: int | None,
+                 harmonize: float, shadow: float) -> CompositeResult:
+        from .classic import classic_composite
+
+        x0, y0, x1, y1 = region_box
+        radius = 2 if feather is None else feather
+        composite, changed = classic_composite(bg.rgb, ob.rgb, ob.alpha, region_box, region_mask,
+                                               harmonize=harmonize, shadow=shadow, feather=radius)
+        full_mask = np.zeros((bg.height, bg.width), bool)
+        full_mask[y0:y1, x0:x1] = changed
+        total = time.perf_counter() - start
+        return CompositeResult(image=to_caller_kind(composite, bg), mask=full_mask, box=region_box, seed=seed,
+                               steps=0, guidance=0.0, timings=MappingProxyType({"classic": total, "total": total}))

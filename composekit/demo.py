@@ -1,8 +1,11 @@
-"""The offline first run: synthetic example images, a tiny random model, one composite.
+"""The first run: real example photographs, composited at once, offline, with no model weights.
 
-Random weights cannot produce a meaningful object, so the demo shows the mechanics — the context
-window, the regenerated box and the untouched background — not quality. For real results, point
-``composekit paste --model`` at ``Fantasy-Studio/Paint-by-Example`` (downloads ~5 GB once).
+With scikit-image installed (``pip install "composekit[examples]"``) the demo pastes the espresso cup
+of scikit-image's ``coffee`` photograph (cut out with an elliptical alpha around its saucer) onto the
+table beside the shuttle model in its ``astronaut`` photograph. Without scikit-image it falls back
+to procedural images. ``generative=True`` also runs the generative method with a tiny random model
+built on the spot (needs the ``torch`` extra): random weights show the mechanics — the regenerated
+box and the untouched background — not quality.
 """
 
 from __future__ import annotations
@@ -10,50 +13,69 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["demo_images", "run_demo"]
+__all__ = ["demo_images", "run_demo", "DEMO_BOX"]
+
+DEMO_BOX = (380, 208, 504, 300)  # on the table beside the shuttle model, in the astronaut photograph
 
 
-def demo_images(width: int = 640, height: int = 480) -> tuple[Image.Image, Image.Image]:
-    """A procedural background (sky, sun, ground) and an RGBA cut-out object (a red ball)."""
+def _photographs() -> tuple[Image.Image, Image.Image] | None:
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    background = Image.fromarray(data.astronaut())
+    coffee = Image.fromarray(data.coffee()).crop((70, 60, 490, 400))  # cup and saucer
+    alpha = Image.new("L", coffee.size, 0)
+    ImageDraw.Draw(alpha).ellipse((8, 14, coffee.width - 8, coffee.height - 14), fill=255)
+    coffee.putalpha(alpha.filter(ImageFilter.GaussianBlur(2)))
+    return background, coffee
+
+
+def _procedural(width: int = 512, height: int = 512) -> tuple[Image.Image, Image.Image]:
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     horizon = 0.62 * height
     sky = np.stack([120 + 80 * yy / horizon, 170 + 60 * yy / horizon, 255 - 20 * yy / horizon], -1)
-    ground = np.stack([90 + 40 * (yy - horizon) / height, 140 - 30 * (yy - horizon) / height,
-                       60 + 0 * yy], -1)
+    ground = np.stack([90 + 40 * (yy - horizon) / height, 140 - 30 * (yy - horizon) / height, 60 + 0 * yy], -1)
     bg = np.where((yy < horizon)[..., None], sky, ground)
-    sun = (xx - 0.8 * width) ** 2 + (yy - 0.2 * height) ** 2 < (0.07 * height) ** 2
-    bg[sun] = (255, 230, 120)
     background = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
-
     s = 160
     oy, ox = np.mgrid[0:s, 0:s].astype(np.float32)
     r = np.hypot(ox - s / 2, oy - s / 2) / (s / 2 - 4)
     shade = np.clip(1.15 - np.hypot(ox - s * 0.35, oy - s * 0.35) / s, 0.3, 1.0)
-    ball = np.stack([230 * shade, 40 * shade, 40 * shade], -1)
-    alpha = np.clip((1.0 - r) * 40, 0, 1) * 255
-    obj = Image.fromarray(np.dstack([ball, alpha]).astype(np.uint8), "RGBA")
-    return background, obj
+    ball = np.stack([230 * shade, 40 * shade, 40 * shade, np.clip((1.0 - r) * 40, 0, 1) * 255], -1)
+    return background, Image.fromarray(ball.astype(np.uint8), "RGBA")
 
 
-def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> dict[str, Path]:
-    """Write ``background.png``, ``object.png`` and ``composite.png`` (and ``tiny-model/``) to ``out_dir``."""
+def demo_images() -> tuple[Image.Image, Image.Image, str]:
+    """(background, RGBA object, a note saying where they come from)."""
+    photos = _photographs()
+    if photos is not None:
+        return (*photos, "scikit-image's astronaut and coffee photographs")
+    return (*_procedural(), "procedural images (install scikit-image for real photographs)")
+
+
+def run_demo(out_dir: str | Path, *, generative: bool = False, steps: int = 20, seed: int = 0) -> dict[str, Path]:
+    """Write ``background.png``, ``object.png``, ``classic.png`` (and ``generative.png``) to ``out_dir``."""
     from .compositor import Compositor
     from .files import save_image_atomic
-    from .random_models import make_random_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = out / "tiny-model"
-    if not (model / "model_index.json").exists():
-        make_random_model(model, "tiny", seed=0, overwrite=True)
-    background, obj = demo_images()
-    paths = {"background": out / "background.png", "object": out / "object.png", "composite": out / "composite.png"}
+    background, obj, _ = demo_images()
+    paths = {"background": out / "background.png", "object": out / "object.png", "classic": out / "classic.png"}
     save_image_atomic(background, paths["background"])
     save_image_atomic(obj, paths["object"])
-    comp = Compositor.from_pretrained(model, device="cpu")
-    result = comp.paste(obj, background, (250, 230, 410, 390), steps=steps, seed=seed, progress=False)
-    save_image_atomic(result.image, paths["composite"])
-    paths["model"] = model
+    save_image_atomic(Compositor().paste(obj, background, DEMO_BOX, seed=seed).image, paths["classic"])
+    if generative:
+        from .random_models import make_random_model
+
+        model = out / "tiny-model"
+        if not (model / "model_index.json").exists():
+            make_random_model(model, "tiny", seed=0, overwrite=True)
+        comp = Compositor.from_pretrained(model, device="cpu")
+        result = comp.paste(obj, background, DEMO_BOX, steps=steps, seed=seed, progress=False)
+        paths["generative"] = save_image_atomic(result.image, out / "generative.png")
+        paths["model"] = model
     return paths

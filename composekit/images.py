@@ -143,6 +143,11 @@ def load_picture(image: Any, what: str = "image") -> Picture:
         kind: Kind = "pil"
         img = image
     elif isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 0:
+            # Fast path for the common case: one copy, no round trip through Pillow.
+            alpha = image[..., 3].copy() if image.shape[2] == 4 else None
+            return Picture(np.ascontiguousarray(image[..., :3]).copy() if alpha is not None else image.copy(),
+                           alpha, "RGBA" if alpha is not None else "RGB", "numpy")
         kind = "numpy"
         img = _from_array(image, what)
     elif isinstance(image, (str, os.PathLike)):

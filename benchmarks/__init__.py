@@ -1,0 +1,1 @@
+"""composekit's latency benchmarks (run from the repository root: ``python -m benchmarks --help``)."""

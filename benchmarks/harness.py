@@ -1,0 +1,274 @@
+"""Latency harness: composekit's backends against diffusers' PaintByExamplePipeline, same weights, same run.
+
+    python -m benchmarks --size tiny --out bench-out
+    python -m benchmarks --size full --steps 2 4 --repeats 1 --out bench-full
+
+What it measures (warm-up runs excluded; medians and spread over ``--repeats``):
+
+- per stage, by calling each backend's components directly: object encoding, background encoding,
+  one guided U-Net step (batch 2), VAE decode;
+- end to end, ``Compositor.paste`` on a background of the model's size, for each ``--steps``; the
+  per-step cost is the slope between the two largest step counts;
+- the same end-to-end measurement of diffusers' ``PaintByExamplePipeline`` (DDIM scheduler, same
+  weights, same steps and guidance), so every end-to-end figure has a ratio;
+- throughput over ``--batch`` backgrounds, peak host memory (process peak RSS) and, on CUDA, peak
+  GPU memory.
+
+Models are random-weight models of the real dimensions built with composekit's own builder
+(latency does not depend on weight values). Outputs: ``results.json``, ``results.md`` and
+``stages.png`` in ``--out``. Needs the ``torch`` extra; ONNX Runtime rows need an ONNX export (made
+on the fly with ``--onnx``), and the plot needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from composekit import Compositor, __version__
+
+STAGES = ("encode_object", "encode_image", "unet_step", "decode")
+
+
+def _timeit(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
+    return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1], "p25_s": q(0.25),
+            "p75_s": q(0.75), "n": len(times)}
+
+
+def _inputs(size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    rng = np.random.default_rng(0)
+    bg = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    obj = rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)
+    q = size // 4
+    return obj, bg, (q, q, 3 * q, 3 * q)
+
+
+def stage_times(comp: Compositor, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    b = comp.backend
+    info = b.info
+    m, f = info.model_size, info.vae_scale_factor
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    image = b.asarray(rng.uniform(-1, 1, (1, 3, m, m)).astype(np.float32))
+    latent = b.asarray(rng.standard_normal((1, info.latent_channels, m // f, m // f)).astype(np.float32))
+    sample = b.asarray(rng.standard_normal((2, info.unet_in_channels, m // f, m // f)).astype(np.float32))
+    cond, uncond = b.encode_object(pixels)
+    context = b.cat([uncond, cond], 0)
+    calls = {
+        "encode_object": lambda: b.encode_object(pixels),
+        "encode_image": lambda: b.encode_image(image),
+        "unet_step": lambda: b.unet(sample, 500, context),
+        "decode": lambda: b.decode(latent),
+    }
+    return {k: _timeit(fn, repeats, warmup, b.synchronize) for k, fn in calls.items()}
+
+
+def end_to_end(run: Callable[[int], Any], steps: list[int], repeats: int, warmup: int,
+               sync: Callable[[], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {str(s): _timeit(lambda s=s: run(s), repeats, warmup, sync) for s in steps}
+    if len(steps) >= 2:
+        a, c = sorted(steps)[-2:]
+        out["per_step_s"] = (out[str(c)]["median_s"] - out[str(a)]["median_s"]) / (c - a)
+    return out
+
+
+def diffusers_pipeline(model_dir: Path, device: str, dtype: str):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+    from transformers import CLIPImageProcessor
+
+    from composekit.backends.torch_backend import image_encoder_class, quiet_loading
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    with quiet_loading():
+        pipe = PaintByExamplePipeline(
+            vae=AutoencoderKL.from_pretrained(model_dir / "vae"),
+            image_encoder=image_encoder_class().from_pretrained(model_dir / "image_encoder"),
+            unet=UNet2DConditionModel.from_pretrained(model_dir / "unet"),
+            scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler", clip_sample=False),
+            safety_checker=None,
+            feature_extractor=CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor"),
+        ).to(device, torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from PIL import Image
+
+    from composekit.random_models import make_random_model
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.models)
+    model_dir = cache / f"pbe-{args.size}"
+    if not (model_dir / "model_index.json").exists():
+        make_random_model(model_dir, args.size, seed=0, overwrite=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    steps = sorted(set(args.steps))
+    obj, bg, box = _inputs({"tiny": 64, "full": 512}[args.size])
+    results: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0],
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None},
+        "composekit": __version__, "size": args.size, "device": device, "dtype": dtype, "steps": steps,
+        "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup, "rows": {},
+    }
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+
+    def measure(name: str, comp: Compositor) -> None:
+        row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe()}
+        row["stages"] = stage_times(comp, args.repeats, args.warmup)
+        row["end_to_end"] = end_to_end(
+            lambda s: comp.paste(obj, bg, box, steps=s, guidance=args.guidance, seed=0, progress=False),
+            steps, args.repeats, args.warmup, sync)
+        start = time.perf_counter()
+        for i in range(args.batch):
+            comp.paste(obj, np.roll(bg, i, axis=1), box, steps=steps[0], guidance=args.guidance, seed=i, progress=False)
+        sync()
+        row["throughput_images_per_s"] = args.batch / (time.perf_counter() - start)
+        row["throughput_steps"] = steps[0]
+        results["rows"][name] = row
+
+    measure(f"composekit-torch-{dtype}", Compositor.from_pretrained(model_dir, device=device, dtype=dtype))
+    if args.onnx:
+        from export.onnx_export import export_onnx
+
+        onnx_dir = cache / f"pbe-{args.size}-onnx"
+        if not (onnx_dir / "manifest.json").exists():
+            export_onnx(model_dir, onnx_dir, overwrite=True)
+        measure("composekit-onnxruntime-fp32", Compositor.from_pretrained(onnx_dir, backend="onnxruntime",
+                                                                          device="cpu"))
+    if not args.no_diffusers:
+        pipe = diffusers_pipeline(model_dir, device, dtype)
+        size = bg.shape[0]
+        mask = np.zeros((size, size), np.uint8)
+        mask[box[1]:box[3], box[0]:box[2]] = 255
+        pil_bg, pil_obj, pil_mask = Image.fromarray(bg), Image.fromarray(obj), Image.fromarray(mask)
+
+        def diff(s: int):
+            g = torch.Generator(device="cpu").manual_seed(0)
+            return pipe(example_image=pil_obj, image=pil_bg, mask_image=pil_mask, num_inference_steps=s,
+                        guidance_scale=args.guidance, generator=g).images[0]
+
+        results["rows"]["diffusers-PaintByExamplePipeline"] = {
+            "backend": "diffusers", "describe": f"{device}, {dtype}",
+            "end_to_end": end_to_end(diff, steps, args.repeats, args.warmup, sync)}
+    results["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    _ratios(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    _plot(results, out_dir / "stages.png")
+    return results
+
+
+def _ratios(results: dict[str, Any]) -> None:
+    ref = results["rows"].get("diffusers-PaintByExamplePipeline")
+    if not ref:
+        return
+    for name, row in results["rows"].items():
+        if row is ref:
+            continue
+        row["ratio_vs_diffusers"] = {
+            s: ref["end_to_end"][s]["median_s"] / row["end_to_end"][s]["median_s"]
+            for s in row["end_to_end"] if s != "per_step_s"
+        }
+        if "per_step_s" in row["end_to_end"] and "per_step_s" in ref["end_to_end"]:
+            row["ratio_vs_diffusers"]["per_step"] = ref["end_to_end"]["per_step_s"] / row["end_to_end"]["per_step_s"]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    steps = [str(s) for s in results["steps"]]
+    lines = [f"Size `{results['size']}`, device `{results['device']}`, dtype `{results['dtype']}`, guidance "
+             f"{results['guidance']}, {results['repeats']} repeats after {results['warmup']} warm-up; "
+             f"{results['date']}; `{results['command']}`", ""]
+    lines.append("| row | " + " | ".join(f"{s} steps (s)" for s in steps) + " | per step (s) | speed-up vs diffusers |")
+    lines.append("|---|" + "---|" * (len(steps) + 2))
+    for name, row in results["rows"].items():
+        e2e = row["end_to_end"]
+        cells = [f"{e2e[s]['median_s']:.3f}" for s in steps]
+        per = f"{e2e['per_step_s']:.3f}" if "per_step_s" in e2e else "-"
+        ratio = row.get("ratio_vs_diffusers", {})
+        rtext = ", ".join(f"{k}: {v:.2f}x" for k, v in ratio.items()) if ratio else "(reference)"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per} | {rtext} |")
+    lines += ["", "| row | " + " | ".join(STAGES) + " | throughput (img/s) |", "|---|" + "---|" * (len(STAGES) + 1)]
+    for name, row in results["rows"].items():
+        if "stages" in row:
+            cells = [f"{row['stages'][s]['median_s'] * 1000:.1f} ms" for s in STAGES]
+            lines.append(f"| {name} | " + " | ".join(cells) +
+                         f" | {row['throughput_images_per_s']:.2f} ({row['throughput_steps']} steps) |")
+    lines += ["", f"Peak host RSS: {results['peak_host_rss_mb']:.0f} MB" +
+              (f"; peak GPU memory: {results['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in results else ""), ""]
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = {k: v for k, v in results["rows"].items() if "stages" in v}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, row) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(STAGES))], [row["stages"][s]["median_s"] * 1000 for s in STAGES],
+               width, label=name)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(STAGES))], STAGES)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(f"per-stage latency, {results['size']} model, {results['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="end-to-end step counts (default 5 10)")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=4, help="backgrounds in the throughput run")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--onnx", action="store_true", help="also measure the onnxruntime backend (exports if needed)")
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--models", default=".bench-models", help="where random models are cached")
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+    results = run(args)
+    print(markdown(results))
+    return 0

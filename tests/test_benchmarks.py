@@ -1,0 +1,33 @@
+"""The benchmark harness runs and writes its three outputs (figures themselves are not asserted:
+speed goals live in the benchmark reports, never in unit tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_harness_writes_json_markdown_and_plot(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--size", "tiny", "--steps", "2", "3", "--repeats", "2", "--warmup", "0",
+         "--batch", "2", "--onnx", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["rows"]) == {"composekit-torch-float32", "composekit-onnxruntime-fp32",
+                                    "diffusers-PaintByExamplePipeline"}
+    row = results["rows"]["composekit-torch-float32"]
+    assert set(row["stages"]) == {"encode_object", "encode_image", "unet_step", "decode"}
+    assert set(row["ratio_vs_diffusers"]) == {"2", "3", "per_step"}
+    assert all(row["stages"][s]["n"] == 2 for s in row["stages"])
+    assert "speed-up vs diffusers" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
