@@ -2,6 +2,7 @@
 
     composekit paste OBJ BG --box X0,Y0,X1,Y1 -o OUT --model DIR_OR_REPO [--steps N] [--seed K]
     composekit make-model tiny|full OUT [--family F] [--adaptor A] [--unet-channels 9|4] [--seed K]
+    composekit batch OBJ INPUTS... -o OUT_DIR (--box X0,Y0,X1,Y1 | --boxes boxes.json) [--model ...]
     composekit demo [DIR]
     composekit env
 
@@ -87,6 +88,68 @@ def _cmd_paste(args: argparse.Namespace) -> int:
         if args.model is None:
             print("classic method (no model). For generative compositing add --model Fantasy-Studio/Paint-by-Example",
                   file=say)
+    return EXIT_OK
+
+
+def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int, int], Path]]:
+    """(background, box, output) for every background in the inputs and every box for it."""
+    from .images import ALLOWED_FORMATS
+
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+    backgrounds: list[Path] = []
+    for item in map(Path, args.inputs):
+        if item.is_dir():
+            backgrounds += sorted(p for p in item.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+        elif item.is_file():
+            backgrounds.append(item)
+        else:
+            raise InputError(f"{item} is neither an image file nor a folder")
+    if not backgrounds:
+        raise InputError(f"no background images ({', '.join(ALLOWED_FORMATS)}) found in {args.inputs}")
+    if args.boxes:
+        try:
+            table = json.loads(Path(args.boxes).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"--boxes {args.boxes}: cannot read a JSON object of file name -> box(es): {exc}") from None
+        if not isinstance(table, dict):
+            raise InputError(f"--boxes {args.boxes} must hold a JSON object mapping file names to boxes")
+    out_dir = Path(args.output)
+    jobs = []
+    for bg in backgrounds:
+        if args.boxes:
+            entry = table.get(bg.name)
+            if entry is None:
+                raise InputError(f"--boxes has no entry for {bg.name}")
+            boxes = entry if entry and isinstance(entry[0], list) else [entry]
+        else:
+            boxes = [args.box]
+        for i, box in enumerate(boxes):
+            suffix = f"-{i}" if len(boxes) > 1 else ""
+            jobs.append((bg, tuple(box), out_dir / f"{bg.stem}{suffix}.png"))
+    return jobs
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from . import Compositor
+
+    if (args.box is None) == (args.boxes is None):
+        raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
+    jobs = _batch_jobs(args)
+    comp = Compositor() if args.model is None else Compositor.from_pretrained(
+        args.model, backend=args.backend, device=args.device, local_files_only=args.offline)
+    report = []
+    for bg, box, out in tqdm(jobs, desc="composekit batch", disable=args.quiet or args.json):
+        result = comp.paste(args.object, bg, box, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                            progress=False)
+        save_image_atomic(result.image, out)
+        report.append({"background": str(bg), "box": list(result.box), "output": str(out), "seed": result.seed,
+                       "timings": dict(result.timings)})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not args.quiet:
+        print(f"wrote {len(report)} composites to {args.output}")
     return EXIT_OK
 
 
@@ -188,6 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print box, seed and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_paste)
+
+    b = sub.add_parser("batch", help="composite one object into many backgrounds (a folder or files)",
+                       description="Composite OBJECT into every background image in INPUTS (files or folders), "
+                       "with one --box for all or a --boxes JSON file mapping file names to a box or a list of "
+                       "boxes. Writes OUTPUT/NAME.png (NAME-i.png for several boxes), with a progress bar.",
+                       epilog="example:\n  composekit batch cup.png shots/ --boxes boxes.json -o out/\n"
+                       '  boxes.json: {"kitchen.jpg": [120, 80, 360, 400], "desk.png": [[0, 0, 50, 50], [60, 60, 99, 99]]}',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("object", help="object image file")
+    b.add_argument("inputs", nargs="+", help="background image files and/or folders of them")
+    b.add_argument("-o", "--output", required=True, help="folder for the composites")
+    b.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 for every background")
+    b.add_argument("--boxes", help="JSON file: {file name: box or [box, ...]}")
+    b.add_argument("--model", default=None, help="model directory, ONNX export or Hub repo id (default: classic)")
+    b.add_argument("--backend", default="torch")
+    b.add_argument("--device", default=None)
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--guidance", type=float, default=5.0)
+    b.add_argument("--seed", type=int, default=0, help="seed for every composite (default 0)")
+    b.add_argument("--offline", action="store_true")
+    b.add_argument("--json", action="store_true", help="print one JSON record per composite, with timings")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(func=_cmd_batch)
 
     m = sub.add_parser("make-model", help="write a random model in the real on-disk layout",
                        description="Write a randomly initialised model directory "

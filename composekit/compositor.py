@@ -178,30 +178,36 @@ class Compositor:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
         Args:
-            obj: the object (PIL image, ``HxWx3``/``HxWx4`` uint8 array, path or bytes). An alpha
-                channel marks a cut-out (see ``composekit.preprocess``).
-            background: the scene, any size, same kinds as ``obj``.
+            obj: The object (PIL image, ``HxWx3``/``HxWx4`` array, path or bytes). An alpha channel
+                marks a cut-out (see ``composekit.preprocess``).
+            background: The scene, any size, same kinds as ``obj``.
             box: ``(x0, y0, x1, y1)`` in background pixels, ``x1``/``y1`` exclusive.
-            mask: alternatively (or inside ``box``), an image or array the background's size whose
+            mask: Alternatively (or inside ``box``), an image or array the background's size whose
                 white pixels (>= 128, or True for a bool array) are the editable region.
-            steps: DDIM steps. guidance: classifier-free guidance scale (<= 1 disables it).
+            steps: DDIM steps.
+            guidance: Classifier-free guidance scale (<= 1 disables it).
             eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
-            seed: seed of all noise (drawn on the CPU); None draws one (reported in the result).
-            latents: initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``.
-            context: side of the square context window the model sees, in multiples of the box's
+            seed: Seed of all noise (drawn on the CPU); None draws one (reported in the result).
+            latents: Initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``.
+            context: Side of the square context window the model sees, in multiples of the box's
                 longer side (>= 1).
-            feather: width in pixels of the soft edge inside the region; None = 1/16 of the box's
-                shorter side; 0 = hard edge.
-            progress: show a tqdm progress bar. callback: called as ``callback(step, timestep,
-                latents)`` after every step, with the latents as a numpy array.
+            feather: Width in pixels of the soft edge inside the region; None = 1/16 of the box's
+                shorter side (2 for the classic method); 0 = hard edge.
+            progress: Show a tqdm progress bar.
+            callback: Called as ``callback(step, timestep, latents)`` after every step, with the
+                latents as a numpy array.
             method: ``"generative"`` (the model) or ``"classic"`` (no model: scale, colour-harmonise,
-                feather and shadow the object in milliseconds; see :mod:`composekit.classic`). None =
+                feather and shadow the object in milliseconds; see ``composekit.classic``). None =
                 generative when a model is loaded, classic otherwise.
-            harmonize, shadow: classic method only: colour-transfer strength and contact-shadow
-                darkness, each in 0..1.
+            harmonize: Classic method: colour-transfer strength, 0..1.
+            shadow: Classic method: contact-shadow darkness, 0..1.
 
         Returns:
-            A :class:`CompositeResult`; pixels outside ``result.mask`` equal the background's exactly.
+            A `CompositeResult`; pixels outside ``result.mask`` equal the background's exactly.
+
+        Raises:
+            InputError: An argument is invalid (the message says what was expected).
+            NumericalError: NaN or inf appeared while sampling or decoding.
         """
         start = time.perf_counter()
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:

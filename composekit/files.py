@@ -1,14 +1,17 @@
-"""Atomic file writes: a temporary file in the target folder, then a rename over the target."""
+"""Atomic writes: a temporary file (or folder) beside the target, then a rename over the target."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["IMAGE_FORMATS", "save_image_atomic"]
+__all__ = ["IMAGE_FORMATS", "save_image_atomic", "atomic_directory"]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
@@ -31,3 +34,26 @@ def save_image_atomic(image, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    On any failure the temporary folder is removed and ``out_dir`` is left as it was, so a failed
+    write never leaves a half-written directory that would load.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,21 +1,19 @@
 """Writing a model directory (one folder per component, and ``model_index.json``) atomically.
 
 Used by the random-model builder and by the checkpoint converters. The directory is assembled in a
-temporary folder beside the target and renamed into place, so a failure never leaves a
-half-written model that would load.
+temporary folder beside the target and renamed into place (:func:`composekit.files.atomic_directory`),
+so a failure never leaves a half-written model that would load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import InputError
+from .files import atomic_directory
 
 __all__ = ["write_model_dir"]
 
@@ -26,13 +24,7 @@ def write_model_dir(out_dir: str | os.PathLike, components: Mapping[str, Any], i
     any ``extra_files`` (name -> text), then move the whole directory into place."""
     from .backends.torch_backend import quiet_loading
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_directory(out_dir, overwrite) as tmp:
         with quiet_loading(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' torchvision-fallback notice on processors
             for name, component in components.items():
@@ -41,10 +33,4 @@ def write_model_dir(out_dir: str | os.PathLike, components: Mapping[str, Any], i
         (tmp / "model_index.json").write_text(json.dumps(dict(index), indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

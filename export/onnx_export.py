@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from composekit.errors import InputError
+from composekit.files import atomic_directory
 from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from composekit.specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
 
@@ -173,60 +174,53 @@ def export_onnx(
     graphs = _graphs(backend)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     scratch = Path(tempfile.mkdtemp(prefix=".scratch.", dir=out.parent))
     components: dict[str, Any] = {}
     try:
-        os.chmod(tmp, 0o755)
-        for name in COMPONENT_NAMES:
-            spec = specs[name]
-            start = time.perf_counter()
-            external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
-            seconds = time.perf_counter() - start
-            error = None
-            if check:
-                # The reference is fp32 from the same weights, so for fp16 the error includes fp16 rounding.
-                reference = _fp32_copy(graphs[name]) if precision == "fp16" else graphs[name]
-                error = _check_one(reference, spec, tmp / spec.file, float_dtype)
-                logger.info("%s: max |onnxruntime - torch| = %.3g", name, error)
-            for item in external:
-                item.update(sha256=sha256_file(tmp / item["file"]), bytes=(tmp / item["file"]).stat().st_size)
-            components[name] = {
-                "file": spec.file,
-                "sha256": sha256_file(tmp / spec.file),
-                "bytes": (tmp / spec.file).stat().st_size,
-                "external_data": external,
-                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64"
-                            else float_dtype} for t in spec.inputs],
-                "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],
-                "max_abs_error_vs_torch": error,
-                "export_seconds": round(seconds, 2),
+        with atomic_directory(out, overwrite) as tmp:
+            for name in COMPONENT_NAMES:
+                spec = specs[name]
+                start = time.perf_counter()
+                external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
+                seconds = time.perf_counter() - start
+                error = None
+                if check:
+                    # The reference is fp32 from the same weights, so for fp16 the error includes fp16 rounding.
+                    reference = _fp32_copy(graphs[name]) if precision == "fp16" else graphs[name]
+                    error = _check_one(reference, spec, tmp / spec.file, float_dtype)
+                    logger.info("%s: max |onnxruntime - torch| = %.3g", name, error)
+                for item in external:
+                    item.update(sha256=sha256_file(tmp / item["file"]), bytes=(tmp / item["file"]).stat().st_size)
+                components[name] = {
+                    "file": spec.file,
+                    "sha256": sha256_file(tmp / spec.file),
+                    "bytes": (tmp / spec.file).stat().st_size,
+                    "external_data": external,
+                    "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64"
+                                else float_dtype} for t in spec.inputs],
+                    "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],
+                    "max_abs_error_vs_torch": error,
+                    "export_seconds": round(seconds, 2),
+                }
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "composekit_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"model": str(Path(model_dir).resolve()), "family": files.family,
+                           "class_name": files.index.get("_class_name")},
+                "dims": dims.to_dict(),
+                "precision": precision,
+                "opset": opset,
+                "dynamic_spatial": dynamic_spatial,
+                "scheduler": files.configs["scheduler"],
+                "feature_extractor": files.configs["feature_extractor"],
+                "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
+                             "transformers": transformers.__version__},
+                "components": components,
             }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "composekit_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"model": str(Path(model_dir).resolve()), "family": files.family,
-                       "class_name": files.index.get("_class_name")},
-            "dims": dims.to_dict(),
-            "precision": precision,
-            "opset": opset,
-            "dynamic_spatial": dynamic_spatial,
-            "scheduler": files.configs["scheduler"],
-            "feature_extractor": files.configs["feature_extractor"],
-            "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__},
-            "components": components,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return manifest

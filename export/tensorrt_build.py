@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from composekit.engines import EngineSidecar, write_sidecar
 from composekit.errors import BackendUnavailableError, InputError, ModelError
+from composekit.files import atomic_directory
 from composekit.manifest import read_manifest, sha256_file
 from composekit.specs import COMPONENT_NAMES, component_specs
 
@@ -78,10 +77,8 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp
     cache_config = builder.create_builder_config()
     cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     engines: dict[str, Any] = {}
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         for name in COMPONENT_NAMES:
             spec = specs[name]
             network = builder.create_network(0)
@@ -122,10 +119,4 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp
         cache_tmp = cache_path.with_name(f".{cache_path.name}.tmp")
         cache_tmp.write_bytes(bytes(cache.serialize()))
         os.replace(cache_tmp, cache_path)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return engines

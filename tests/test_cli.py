@@ -90,3 +90,26 @@ def test_make_model_and_env(tmp_path):
     assert json.loads((tmp_path / "os" / "unet" / "config.json").read_text())["in_channels"] == 4
     env = json.loads(run("env", "--json").stdout)
     assert env["composekit"] and env["numpy"] and "cuda_devices" in env
+
+
+def test_batch_over_a_folder_and_a_boxes_file(tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i, size in enumerate([(120, 90), (200, 150)]):
+        gradient_background(*size).save(shots / f"bg{i}.png")
+    noise_object().save(tmp_path / "obj.png")
+    boxes = {"bg0.png": [10, 10, 60, 60], "bg1.png": [[0, 0, 50, 50], [100, 50, 190, 140]]}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    proc = run("batch", tmp_path / "obj.png", shots, "--boxes", tmp_path / "boxes.json", "-o", tmp_path / "out",
+               "--json")
+    records = json.loads(proc.stdout)
+    assert [r["box"] for r in records] == [[10, 10, 60, 60], [0, 0, 50, 50], [100, 50, 190, 140]]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["bg0.png", "bg1-0.png", "bg1-1.png"]
+    bg = np.asarray(Image.open(shots / "bg1.png"))
+    out = np.asarray(Image.open(tmp_path / "out" / "bg1-1.png"))
+    outside = np.ones(bg.shape[:2], bool)
+    outside[50:140, 100:190] = False
+    np.testing.assert_array_equal(out[outside], bg[outside])
+    proc = run("batch", tmp_path / "obj.png", shots, "-o", tmp_path / "out2", check=False)
+    assert proc.returncode == 2 and "exactly one of --box" in proc.stderr
