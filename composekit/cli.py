@@ -329,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     except ComposekitError as exc:
         print(f"composekit: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        print(f"composekit: this needs {exc.name!r}, which is not installed; for the PyTorch backend and "
+              "random models: `pip install torch==2.13.0 && pip install 'composekit[torch]'`", file=sys.stderr)
+        return EXIT_BACKEND
+    except BrokenPipeError:  # e.g. `composekit env | head`
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import BackendUnavailableError, InputError
 
 __all__ = ["SIZES", "FAMILIES", "make_random_model", "component_configs", "model_index"]
 
@@ -103,9 +103,15 @@ def make_random_model(
     4-channel masked-DDIM path) instead of the 9-channel inpainting one. The directory appears
     atomically (see :mod:`composekit.modeldir`).
     """
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    try:
+        import torch
+        from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"building random models needs PyTorch, diffusers and transformers ({exc.name} is missing): "
+            "`pip install torch==2.13.0 && pip install 'composekit[torch]'`"
+        ) from exc
 
     from .adaptors import KINDS, ContentAdaptor
     from .backends.torch_backend import image_encoder_class, quiet_loading

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except ComposekitError as exc:
         print(f"composekit-export: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        print(f"composekit-export: this needs {exc.name!r}, which is not installed: "
+              "`pip install torch==2.13.0 && pip install 'composekit[export]'`", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,3 +113,14 @@ def test_batch_over_a_folder_and_a_boxes_file(tmp_path):
     np.testing.assert_array_equal(out[outside], bg[outside])
     proc = run("batch", tmp_path / "obj.png", shots, "-o", tmp_path / "out2", check=False)
     assert proc.returncode == 2 and "exactly one of --box" in proc.stderr
+
+
+def test_missing_torch_is_a_clear_error(tmp_path):
+    """Without the torch extra, commands that need it exit 4 with the install command (no traceback)."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from composekit.cli import main\n"
+            f"sys.exit(main(['make-model', 'tiny', {str(tmp_path / 'm')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 4, proc.stderr
+    assert "composekit[torch]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()

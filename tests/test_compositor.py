@@ -196,8 +196,15 @@ def test_bad_options_are_input_errors(compositor, kwargs, match):
     ],
 )
 def test_bad_regions_are_input_errors(compositor, args):
+    bg, obj = gradient_background(64, 64), noise_object()
+    before = np.asarray(bg).copy(), np.asarray(obj).copy()
+    mask_before = np.array(args["mask"], copy=True) if "mask" in args else None
     with pytest.raises(InputError):
-        compositor.paste(noise_object(), gradient_background(64, 64), seed=0, **args, **FAST)
+        compositor.paste(obj, bg, seed=0, **args, **FAST)
+    np.testing.assert_array_equal(np.asarray(bg), before[0])
+    np.testing.assert_array_equal(np.asarray(obj), before[1])
+    if mask_before is not None:
+        np.testing.assert_array_equal(args["mask"], mask_before)
 
 
 @pytest.mark.parametrize(
@@ -205,8 +212,14 @@ def test_bad_regions_are_input_errors(compositor, args):
             np.full((4, 4), 2.0, np.float32), np.zeros((4, 4), np.int32)]
 )
 def test_bad_images_are_input_errors(compositor, bad):
+    obj = noise_object()
+    before = np.asarray(obj).copy()
+    bad_before = np.array(bad, copy=True) if isinstance(bad, np.ndarray) else bad
     with pytest.raises(InputError):
-        compositor.paste(noise_object(), bad, (0, 0, 2, 2), seed=0, **FAST)
+        compositor.paste(obj, bad, (0, 0, 2, 2), seed=0, **FAST)
+    np.testing.assert_array_equal(np.asarray(obj), before)
+    if isinstance(bad, np.ndarray):
+        np.testing.assert_array_equal(bad, bad_before)
 
 
 def test_repr_names_model_backend_device(compositor):

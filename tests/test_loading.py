@@ -178,3 +178,33 @@ def test_random_models_are_deterministic(tmp_path):
         make_random_model(a, "tiny")
     with pytest.raises(InputError, match="size"):
         make_random_model(tmp_path / "d", "huge")
+
+
+@pytest.mark.parametrize("component,file", [("vae", "diffusion_pytorch_model.safetensors"),
+                                            ("image_encoder", "model.safetensors")])
+@pytest.mark.parametrize("case,match", [("missing", "missing"), ("shape", "shape|size mismatch"),
+                                        ("nan", "NaN"), ("dtype", "dtype I32")])
+def test_corrupt_weights_are_refused_naming_the_tensor(model_copy, component, file, case, match):
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = model_copy / component / file
+    state = load_file(str(path))
+    key = "decoder.conv_in.weight" if component == "vae" else next(k for k in state if "post_layernorm.weight" in k)
+    if case == "missing":
+        del state[key]
+    elif case == "shape":
+        state[key] = np.zeros((3, 3), np.float32)
+    elif case == "nan":
+        state[key] = state[key].copy()
+        state[key].flat[0] = np.nan
+    else:
+        state[key] = state[key].astype(np.int32)
+    save_file(state, str(path), metadata={"format": "pt"})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ModelError, match=match) as info:
+        Compositor.from_pretrained(model_copy, device="cpu")
+    assert key.split(".")[-2] in str(info.value)  # the message names the tensor
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the caller's file is untouched

@@ -120,7 +120,10 @@ def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device
     _check_weight_dtypes(files, name)
     folder = files.component_dir(name)
     kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True}
-    if not hasattr(cls, "config_class"):  # diffusers models: report missing keys instead of failing on meta tensors
+    if hasattr(cls, "config_class"):
+        # transformers: report wrongly shaped tensors in the loading info (we refuse them below, by name)
+        kwargs["ignore_mismatched_sizes"] = True
+    else:  # diffusers models: report missing keys instead of failing on meta tensors
         kwargs["low_cpu_mem_usage"] = False
     try:
         with quiet_loading():
