@@ -18,7 +18,7 @@ from .errors import InputError, ModelError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
 from .manifest import is_export_dir, read_manifest
-from .preprocess import ClipPreprocessor, flatten_cutout
+from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
 from .sampler import SamplerOptions, sample
 from .scheduler import DDIMScheduler
 
@@ -234,8 +234,7 @@ class Compositor:
 
         bg = load_picture(background, "background")
         ob = load_picture(obj, "object")
-        if ob.alpha is not None and not ob.alpha.any():
-            raise InputError("object image is fully transparent (alpha is 0 everywhere); pass a cut-out with visible pixels")
+        require_visible(ob.alpha)
         region_box, region_mask = _region(mask, box, bg.width, bg.height)
         if method == "classic":
             return self._classic(bg, ob, region_box, region_mask, seed, start, feather, harmonize, shadow)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .errors import InputError, ModelError
 
-__all__ = ["ClipPreprocessor", "flatten_cutout"]
+__all__ = ["ClipPreprocessor", "flatten_cutout", "require_visible"]
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,6 +85,14 @@ class ClipPreprocessor:
         return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
+def require_visible(alpha: np.ndarray | None) -> None:
+    """Refuse a cut-out with no visible pixel (alpha 0 everywhere)."""
+    if alpha is not None and not alpha.any():
+        raise InputError(
+            "object image is fully transparent (alpha is 0 everywhere); pass a cut-out with visible pixels"
+        )
+
+
 def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None,
                    backdrop: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """An RGB object image: cut-outs tightened, composited over ``backdrop`` and padded square.
@@ -94,11 +102,8 @@ def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None,
     """
     if alpha is None:
         return rgb
+    require_visible(alpha)
     ys, xs = np.nonzero(alpha > 0)
-    if ys.size == 0:
-        raise InputError(
-            "object image is fully transparent (alpha is 0 everywhere); pass a cut-out with visible pixels"
-        )
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     a = alpha[y0:y1, x0:x1, None].astype(np.float32) / 255.0
     back = np.asarray(backdrop, np.float32)
