@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -25,6 +28,7 @@ from .scheduler import DDIMScheduler
 __all__ = ["Compositor", "CompositeResult"]
 
 logger = logging.getLogger(__name__)
+_CONTEXT_CACHE_SIZE = 8  # objects whose encoded context is kept between calls
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Compositor:
         self.scheduler = scheduler
         self.preprocessor = preprocessor
         self.backdrop = backdrop
+        self._context_cache: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         if self.backend is None:
@@ -174,6 +180,7 @@ class Compositor:
         method: str | None = None,
         harmonize: float = 0.5,
         shadow: float = 0.35,
+        guidance_end: float = 1.0,
     ) -> CompositeResult:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
@@ -199,6 +206,9 @@ class Compositor:
             method: ``"generative"`` (the model) or ``"classic"`` (no model: scale, colour-harmonise,
                 feather and shadow the object in milliseconds; see ``composekit.classic``). None =
                 generative when a model is loaded, classic otherwise.
+            guidance_end: Fraction of the steps (from the start) that use classifier-free guidance;
+                later steps run one conditional U-Net pass instead of two. 1.0 (default) guides
+                every step, as the reference pipeline does.
             harmonize: Classic method: colour-transfer strength, 0..1.
             shadow: Classic method: contact-shadow darkness, 0..1.
 
@@ -228,7 +238,7 @@ class Compositor:
                 "this Compositor has no model, so only method='classic' is available; load one with "
                 "Compositor.from_pretrained('Fantasy-Studio/Paint-by-Example') for generative compositing"
             )
-        for name, value in (("harmonize", harmonize), ("shadow", shadow)):
+        for name, value in (("harmonize", harmonize), ("shadow", shadow), ("guidance_end", guidance_end)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise InputError(f"{name} must be a number in 0..1, got {value!r}")
 
@@ -254,8 +264,9 @@ class Compositor:
             hole,
             object_pixels,
             SamplerOptions(steps=int(steps), guidance=float(guidance), eta=float(eta), seed=seed,
-                           progress=progress, callback=callback),
+                           guidance_end=float(guidance_end), progress=progress, callback=callback),
             latents=latents,
+            encode_object=self._object_context,
         )
 
         # Paste back only the editable region, with the soft edge inside it.
@@ -280,6 +291,25 @@ class Compositor:
             guidance=float(guidance),
             timings=MappingProxyType(timings),
         )
+
+    def _object_context(self, pixels: np.ndarray) -> tuple[Any, Any]:
+        """The object's (cond, uncond) context, cached for the last few objects (same pixels, same result).
+
+        Entries are read-only backend arrays; the lock only guards the cache's bookkeeping, so
+        concurrent calls for different objects still encode in parallel.
+        """
+        key = hashlib.sha256(pixels.tobytes()).digest()
+        with self._cache_lock:
+            hit = self._context_cache.get(key)
+            if hit is not None:
+                self._context_cache.move_to_end(key)
+                return hit
+        context = self.backend.encode_object(pixels)
+        with self._cache_lock:
+            self._context_cache[key] = context
+            while len(self._context_cache) > _CONTEXT_CACHE_SIZE:
+                self._context_cache.popitem(last=False)
+        return context
 
     def _classic(self, bg, ob, region_box, region_mask, seed: int, start: float, feather: int | None,
                  harmonize: float, shadow: float) -> CompositeResult:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -40,6 +40,7 @@ class SamplerOptions:
     guidance: float = 5.0
     eta: float = 0.0
     seed: int = 0
+    guidance_end: float = 1.0  # fraction of the steps that use guidance (the rest run one conditional pass)
     progress: bool = True
     callback: StepCallback | None = None
 
@@ -66,8 +67,13 @@ def sample(
     object_pixels: np.ndarray,
     options: SamplerOptions,
     latents: np.ndarray | None = None,
+    encode_object: Callable[[np.ndarray], tuple[Any, Any]] | None = None,
 ) -> SampleOutput:
-    """Generate the window ``(M, M, 3)`` uint8 with the ``hole`` ``(M, M)`` (1 = regenerate) filled in."""
+    """Generate the window ``(M, M, 3)`` uint8 with the ``hole`` ``(M, M)`` (1 = regenerate) filled in.
+
+    ``encode_object`` replaces ``backend.encode_object`` (the compositor passes a cached version, so
+    an object seen in a recent call is not encoded again).
+    """
     info = backend.info
     f, m = info.vae_scale_factor, info.model_size
     shape = (1, info.latent_channels, m // f, m // f)
@@ -82,7 +88,7 @@ def sample(
 
     t0 = time.perf_counter()
     # 1. Object -> context tokens c, and the learned unconditional context v (Paint by Example's CFG).
-    cond, uncond = backend.encode_object(object_pixels)
+    cond, uncond = (encode_object or backend.encode_object)(object_pixels)
     t0 = lap("encode_object", t0)
 
     # 2. Background: the window in [-1, 1]; keep-mask 1 - M at pixel and latent resolution.
@@ -108,21 +114,26 @@ def sample(
             raise InputError(f"latents have shape {x_init.shape}; expected {shape} for this model")
     x = backend.asarray(x_init)  # init_noise_sigma = 1 for DDIM
 
-    cfg = options.guidance > 1.0
-    context = backend.cat([uncond, cond], 0) if cfg else cond
-    batch = 2 if cfg else 1
+    # Guidance runs for the first ceil(guidance_end * steps) steps (all of them by default); after that
+    # one conditional pass per step (diffusers' "CFG cut-off"), halving the U-Net work there.
+    guided_steps = int(np.ceil(options.guidance_end * options.steps)) if options.guidance > 1.0 else 0
+    contexts = {1: cond}
+    if guided_steps:
+        contexts[2] = backend.cat([uncond, cond], 0)
     if nine_channel:
-        z_in, keep_in = backend.cat([z_bg] * batch, 0), backend.cat([keep_latent_b] * batch, 0)
+        extras = {b: (backend.cat([z_bg] * b, 0), backend.cat([keep_latent_b] * b, 0)) for b in contexts}
     timesteps = scheduler.timesteps(options.steps)
 
     # 4. The masked DDIM loop.
     for i, t in enumerate(tqdm(timesteps, disable=not options.progress, desc="composekit", leave=False)):
         t = int(t)
-        model_in = backend.cat([x] * batch, 0) if cfg else x
+        cfg = i < guided_steps
+        batch = 2 if cfg else 1
+        model_in = backend.cat([x, x], 0) if cfg else x
         if nine_channel:
             # 4a. U-Net input [x_t, E(I_bg * (1 - M)), 1 - M] (Paint by Example, 9 channels).
-            model_in = backend.cat([model_in, z_in, keep_in], 1)
-        eps = backend.unet(model_in, t, context)
+            model_in = backend.cat([model_in, *extras[batch]], 1)
+        eps = backend.unet(model_in, t, contexts[batch])
         if cfg:
             # 4b. Classifier-free guidance: eps = eps(x, v) + s (eps(x, c) - eps(x, v)).
             eps = eps[:1] + options.guidance * (eps[1:] - eps[:1])

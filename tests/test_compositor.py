@@ -238,3 +238,47 @@ def test_threads_share_one_compositor(compositor):
         parallel = [np.asarray(f.result().image) for f in futures]
     for i, got in enumerate(parallel):
         np.testing.assert_array_equal(got, serial[i % len(jobs)])
+
+
+def test_guidance_end_cuts_guidance_and_defaults_to_the_reference(compositor):
+    bg, obj = gradient_background(64, 64), noise_object()
+    kw = dict(seed=4, steps=4, progress=False)
+    calls = []
+    real = compositor.backend.unet
+
+    def counting(sample, t, context):
+        calls.append(sample.shape[0])
+        return real(sample, t, context)
+
+    full = compositor.paste(obj, bg, (8, 8, 40, 40), guidance=4.0, **kw)
+    same = compositor.paste(obj, bg, (8, 8, 40, 40), guidance=4.0, guidance_end=1.0, **kw)
+    assert np.array_equal(np.asarray(full.image), np.asarray(same.image))
+    unguided = compositor.paste(obj, bg, (8, 8, 40, 40), guidance=1.0, **kw)
+    compositor.backend.unet = counting
+    try:
+        cut = compositor.paste(obj, bg, (8, 8, 40, 40), guidance=4.0, guidance_end=0.5, **kw)
+        none = compositor.paste(obj, bg, (8, 8, 40, 40), guidance=4.0, guidance_end=0.0, **kw)
+    finally:
+        del compositor.backend.unet
+    assert calls == [2, 2, 1, 1] + [1, 1, 1, 1]  # batch 2 while guided, then one conditional pass
+    assert np.array_equal(np.asarray(none.image), np.asarray(unguided.image))
+    assert not np.array_equal(np.asarray(cut.image), np.asarray(full.image))
+    with pytest.raises(InputError, match="guidance_end"):
+        compositor.paste(obj, bg, (8, 8, 40, 40), guidance_end=1.5, **kw)
+
+
+def test_object_context_is_cached_across_calls(compositor):
+    bg, obj = gradient_background(64, 64), noise_object(50, 60, seed=99)
+    encoded = []
+    real = compositor.backend.encode_object
+    compositor.backend.encode_object = lambda pixels: encoded.append(1) or real(pixels)
+    try:
+        a = compositor.paste(obj, bg, (8, 8, 40, 40), seed=1, **FAST)
+        b = compositor.paste(obj, bg, (16, 16, 48, 48), seed=2, **FAST)
+        c = compositor.paste(noise_object(50, 60, seed=100), bg, (8, 8, 40, 40), seed=1, **FAST)
+    finally:
+        del compositor.backend.encode_object
+    assert len(encoded) == 2  # the second call reused the first call's encoding
+    again = compositor.paste(obj, bg, (8, 8, 40, 40), seed=1, **FAST)
+    assert np.array_equal(np.asarray(a.image), np.asarray(again.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image)) and b.seed == 2
