@@ -133,7 +133,32 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None, lo
             f"could not download {text!r} from the Hugging Face Hub: {exc}. Check the network, set "
             "HF_HUB_OFFLINE=1 to use the cache only, or pass a local model directory."
         ) from exc
-    return Path(snapshot)
+    root = Path(snapshot)
+    _explain_missing_safetensors(text, revision, root, offline)
+    return root
+
+
+def _explain_missing_safetensors(repo: str, revision: str | None, root: Path, offline: bool) -> None:
+    """If a downloaded component has no safetensors, say whether the repo ships only pickle weights."""
+    lacking = [name for name, (_, weighted) in COMPONENTS.items()
+               if weighted and (root / name).is_dir() and not any((root / name).glob("*.safetensors"))]
+    if not lacking or offline:
+        return
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo, revision=revision)
+    except Exception:  # the listing is only for a better message; read_model_dir still refuses the model
+        logger.debug("could not list %s to explain missing safetensors", repo, exc_info=True)
+        return
+    pickles = sorted(f for f in files if f.split("/")[0] in lacking and f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeModelFileError(
+            f"Hub repo {repo!r} (revision {revision or 'main'}) ships only pickle weights for {lacking} "
+            f"({', '.join(pickles[:4])}); composekit loads safetensors only, because unpickling can run "
+            "arbitrary code. Use a revision that has .safetensors files (e.g. a 'refs/pr/N' conversion PR), or "
+            "convert the files yourself in a trusted environment and load the local directory."
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -208,3 +208,18 @@ def test_corrupt_weights_are_refused_naming_the_tensor(model_copy, component, fi
         Compositor.from_pretrained(model_copy, device="cpu")
     assert key.split(".")[-2] in str(info.value)  # the message names the tensor
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the caller's file is untouched
+
+
+def test_hub_repo_with_only_pickle_weights_is_explained(tiny_model_dir, tmp_path, monkeypatch):
+    """A Hub snapshot whose U-Net folder lacks safetensors: the repo listing shows pickle files, and the
+    error says so (no network: snapshot_download and the listing are stand-ins)."""
+    import huggingface_hub
+
+    snap = tmp_path / "snap"
+    shutil.copytree(tiny_model_dir, snap)
+    (snap / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snap))
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo, revision=None: ["unet/config.json", "unet/diffusion_pytorch_model.bin"])
+    with pytest.raises(UnsafeModelFileError, match=r"only pickle weights for \['unet'\]"):
+        Compositor.from_pretrained("someone/pickle-only", device="cpu")
