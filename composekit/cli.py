@@ -55,21 +55,25 @@ def _read_input(value: str, stdin_used: list[bool]):
     return sys.stdin.buffer.read()
 
 
-def _cmd_paste(args: argparse.Namespace) -> int:
+def _compositor(args: argparse.Namespace):
+    """The classic compositor without --model, otherwise the model loaded as the options say."""
     from . import Compositor
 
+    if args.model is None:
+        return Compositor()
+    return Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                      local_files_only=args.offline)
+
+
+def _cmd_paste(args: argparse.Namespace) -> int:
     used: list[bool] = []
     obj, background = _read_input(args.object, used), _read_input(args.background, used)
     to_stdout = args.output == "-"
     say = sys.stderr if to_stdout else sys.stdout
 
-    if args.model is None:
-        if args.method == "generative":
-            raise InputError("--method generative needs --model (a model directory or Hub repo id)")
-        comp = Compositor()
-    else:
-        comp = Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                          local_files_only=args.offline)
+    if args.model is None and args.method == "generative":
+        raise InputError("--method generative needs --model (a model directory or Hub repo id)")
+    comp = _compositor(args)
     result = comp.paste(
         obj, background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
         eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet, method=args.method,
@@ -132,13 +136,10 @@ def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, in
 def _cmd_batch(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from . import Compositor
-
     if (args.box is None) == (args.boxes is None):
         raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
     jobs = _batch_jobs(args)
-    comp = Compositor() if args.model is None else Compositor.from_pretrained(
-        args.model, backend=args.backend, device=args.device, local_files_only=args.offline)
+    comp = _compositor(args)
     report = []
     for bg, box, out in tqdm(jobs, desc="composekit batch", disable=args.quiet or args.json):
         result = comp.paste(args.object, bg, box, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="model directory, ONNX export or Hub repo id (default: classic)")
     b.add_argument("--backend", default="torch")
     b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default=None)
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--guidance", type=float, default=5.0)
     b.add_argument("--seed", type=int, default=0, help="seed for every composite (default 0)")
@@ -315,23 +317,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("paste needs --box or --mask")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_command(args, "composekit", "torch")
+
+
+def run_command(args: argparse.Namespace, prog: str, extra: str) -> int:
+    """Run ``args.func`` and turn composekit's errors into a one-line message and an exit code.
+
+    Shared by ``composekit`` and ``composekit-export``; ``extra`` names the pip extra that provides a
+    missing module.
+    """
     try:
         return args.func(args)
     except InputError as exc:
-        print(f"composekit: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except ModelError as exc:
-        print(f"composekit: model error: {exc}", file=sys.stderr)
+        print(f"{prog}: model error: {exc}", file=sys.stderr)
         return EXIT_MODEL
     except BackendUnavailableError as exc:
-        print(f"composekit: backend unavailable: {exc}", file=sys.stderr)
+        print(f"{prog}: unavailable: {exc}", file=sys.stderr)
         return EXIT_BACKEND
     except ComposekitError as exc:
-        print(f"composekit: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ModuleNotFoundError as exc:
-        print(f"composekit: this needs {exc.name!r}, which is not installed; for the PyTorch backend and "
-              "random models: `pip install torch==2.13.0 && pip install 'composekit[torch]'`", file=sys.stderr)
+        print(f"{prog}: this needs {exc.name!r}, which is not installed: "
+              f"`pip install torch==2.13.0 && pip install 'composekit[{extra}]'`", file=sys.stderr)
         return EXIT_BACKEND
     except BrokenPipeError:  # e.g. `composekit env | head`
         return EXIT_OK

@@ -14,12 +14,13 @@ import datetime as _dt
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import EngineIncompatibleError, ModelError
+from .files import atomic_file
+from .loading import read_json
 from .manifest import sha256_file
 
 __all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT"]
@@ -57,27 +58,15 @@ def write_sidecar(engine: str | os.PathLike, sidecar: EngineSidecar) -> Path:
     data = asdict(sidecar)
     if not data["created"]:
         data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode())
     return path
 
 
 def read_sidecar(engine: str | os.PathLike) -> EngineSidecar:
     path = sidecar_path(engine)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"engine {engine} has no sidecar {path.name}; {REBUILD_HINT}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"sidecar {path} is not valid JSON ({exc}); {REBUILD_HINT}") from None
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+    data = read_json(path, fix=REBUILD_HINT, missing=f"engine {engine} has no sidecar {path.name}; {REBUILD_HINT}")
+    if data.get("format") != SIDECAR_FORMAT:
         raise ModelError(f"{path} is not a composekit engine sidecar; {REBUILD_HINT}")
     try:
         return EngineSidecar(**{k: data[k] for k in EngineSidecar.__dataclass_fields__ if k in data})

@@ -8,13 +8,33 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import InputError
 
-__all__ = ["IMAGE_FORMATS", "save_image_atomic", "atomic_directory"]
+__all__ = ["IMAGE_FORMATS", "atomic_file", "save_image_atomic", "atomic_directory"]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file beside ``path``; on success it replaces ``path`` in one rename.
+
+    On any failure the temporary file is removed and ``path`` keeps its old content (or stays absent).
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_image_atomic(image, path: str | os.PathLike) -> Path:
@@ -23,16 +43,8 @@ def save_image_atomic(image, path: str | os.PathLike) -> Path:
     fmt = IMAGE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise InputError(f"output {out} has an unknown extension; use one of {sorted(IMAGE_FORMATS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        image.save(f, format=fmt)
     return out
 
 

@@ -167,10 +167,10 @@ def load_picture(image: Any, what: str = "image") -> Picture:
     elif img.mode in ("LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
     elif img.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer images
-        arr = np.asarray(img).astype(np.float64)
+        arr = np.asarray(img)
         if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
             raise InputError(f"{what} is a {img.mode} image with values outside 0..65535; expected 8- or 16-bit")
-        img = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), "L")
+        img = Image.fromarray(_to_uint8(arr.astype(np.uint16), what), "L")
     elif img.mode == "F":
         img = Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32), f"{what} (float image)"), "L")
     if img.mode == "RGBA":

@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import ModelError, ModelNotFoundError, UnsafeModelFileError
 
-__all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "HUB_ALLOW_PATTERNS"]
+__all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "read_json", "HUB_ALLOW_PATTERNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +161,18 @@ def _explain_missing_safetensors(repo: str, revision: str | None, root: Path, of
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, *, missing: str | None = None,
+              fix: str = "restore the file from the model's source") -> dict[str, Any]:
+    """A JSON object from ``path``; every failure is a :class:`ModelError` (``missing`` / ``fix`` word it)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ModelError(f"missing file {path}") from None
+        raise ModelError(missing or f"missing file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); restore the file from the model's source") from None
+        raise ModelError(f"{path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise ModelError(f"{path} must hold a JSON object, got {type(data).__name__}; {fix}")
     return data
 
 
@@ -191,7 +193,7 @@ def _weights(folder: Path) -> tuple[Path, ...]:
 
 def read_model_dir(root: Path) -> ModelFiles:
     """Validate a model directory's layout and read its configs (no weights are loaded)."""
-    index = _read_json(root / "model_index.json") if (root / "model_index.json").exists() else None
+    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else None
     if index is None:
         raise ModelError(
             f"{root} has no model_index.json; expected a diffusers Paint-by-Example directory "
@@ -213,7 +215,7 @@ def read_model_dir(root: Path) -> ModelFiles:
                 f"model component {name!r} is missing: no folder {folder}. Re-download the model or "
                 "rebuild it (`composekit make-model`)."
             )
-        configs[name] = _read_json(folder / config_name)
+        configs[name] = read_json(folder / config_name)
         if weighted:
             weights[name] = _weights(folder)
     _check_configs(root, family, configs)

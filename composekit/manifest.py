@@ -13,13 +13,13 @@ directory, so a tampered or half-copied export is refused before any graph is pa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .loading import read_json
 from .specs import COMPONENT_NAMES, ModelDims
 
 __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
@@ -90,13 +90,9 @@ class ExportManifest:
 def read_manifest(root: str | os.PathLike, verify: bool = True) -> ExportManifest:
     """Parse and check ``root/manifest.json``; with ``verify`` also check every file's sha256."""
     root = Path(root)
-    try:
-        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{root} has no {MANIFEST}; it is not a composekit export (run `composekit-export onnx`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{root / MANIFEST} is not valid JSON ({exc}); re-export the model") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json(root / MANIFEST, fix="re-export the model",
+                     missing=f"{root} has no {MANIFEST}; it is not a composekit export (run `composekit-export onnx`)")
+    if data.get("format") != FORMAT:
         raise ModelError(f"{root / MANIFEST} is not a {FORMAT} manifest; re-export the model")
     if data.get("format_version") != FORMAT_VERSION:
         raise ModelError(

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError
+from composekit.cli import run_command
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -122,24 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"composekit-export: error: {exc}", file=sys.stderr)
-        return 2
-    except ModelError as exc:
-        print(f"composekit-export: model error: {exc}", file=sys.stderr)
-        return 3
-    except BackendUnavailableError as exc:
-        print(f"composekit-export: unavailable: {exc}", file=sys.stderr)
-        return 4
-    except ComposekitError as exc:
-        print(f"composekit-export: error: {exc}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as exc:
-        print(f"composekit-export: this needs {exc.name!r}, which is not installed: "
-              "`pip install torch==2.13.0 && pip install 'composekit[export]'`", file=sys.stderr)
-        return 4
+    return run_command(args, "composekit-export", "export")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,7 @@ from typing import Any
 
 from composekit.engines import EngineSidecar, write_sidecar
 from composekit.errors import BackendUnavailableError, InputError, ModelError
-from composekit.files import atomic_directory
+from composekit.files import atomic_directory, atomic_file
 from composekit.manifest import read_manifest, sha256_file
 from composekit.specs import COMPONENT_NAMES, component_specs
 
@@ -116,7 +116,6 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp
         # The ONNX manifest's runtime data (dims, scheduler, feature extractor) travels with the engines.
         data = {"onnx_manifest": manifest.data, "onnx_source": str(Path(onnx_dir).resolve()), "engines": engines}
         (tmp / ENGINES).write_text(json.dumps(data, indent=2) + "\n")
-        cache_tmp = cache_path.with_name(f".{cache_path.name}.tmp")
-        cache_tmp.write_bytes(bytes(cache.serialize()))
-        os.replace(cache_tmp, cache_path)
+        with atomic_file(cache_path) as f:
+            f.write(bytes(cache.serialize()))
     return engines
