@@ -2,6 +2,8 @@
 
     python -m benchmarks --size tiny --out bench-out
     python -m benchmarks --size full --steps 2 4 --repeats 1 --out bench-full
+    python -m benchmarks --size full --device cuda --dtype float16 --steps 25 50 --variants default compile \
+        --check-fp32 --out bench-h100          # the GPU run the speed issue asks for
 
 What it measures (warm-up runs excluded; medians and spread over ``--repeats``):
 
@@ -38,6 +40,17 @@ import numpy as np
 from composekit import Compositor, __version__
 
 STAGES = ("encode_object", "encode_image", "unet_step", "decode")
+
+# --variants: PyTorch-backend options measured as separate rows ("default" = the backend's own defaults:
+# channels-last on CUDA, NCHW on the CPU, no compilation).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "nchw": {"channels_last": False},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "compile-reduce-overhead": {"compile": "reduce-overhead"},
+    "compile-max-autotune": {"compile": "max-autotune"},
+}
 
 
 def _timeit(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
@@ -141,6 +154,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup, "rows": {},
     }
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    paste_kw = dict(steps=steps[-1], guidance=args.guidance, seed=0, progress=False)
+    reference: dict[str, Any] = {}
+
+    def fp32_diff(comp: Compositor) -> dict[str, float]:
+        """Region difference (0..255) from composekit's fp32 PyTorch result on this device, same seed."""
+        if "region" not in reference:
+            ref = Compositor.from_pretrained(model_dir, device=device, dtype="float32")
+            r = ref.paste(obj, bg, box, **paste_kw)
+            reference["region"] = np.asarray(r.image, np.int16)[r.mask]
+            del ref
+        r = comp.paste(obj, bg, box, **paste_kw)
+        diff = np.abs(np.asarray(r.image, np.int16)[r.mask] - reference["region"])
+        return {"steps": steps[-1], "max": int(diff.max()), "mean": float(diff.mean())}
 
     def measure(name: str, comp: Compositor) -> None:
         row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe()}
@@ -154,9 +180,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         row["throughput_images_per_s"] = args.batch / (time.perf_counter() - start)
         row["throughput_steps"] = steps[0]
+        if args.check_fp32:
+            row["diff_vs_fp32"] = fp32_diff(comp)
         results["rows"][name] = row
 
-    measure(f"composekit-torch-{dtype}", Compositor.from_pretrained(model_dir, device=device, dtype=dtype))
+    for variant in args.variants:
+        suffix = "" if variant == "default" else f"-{variant}"
+        measure(f"composekit-torch-{dtype}{suffix}",
+                Compositor.from_pretrained(model_dir, device=device, dtype=dtype, **VARIANTS[variant]))
     if args.onnx:
         from export.onnx_export import export_onnx
 
@@ -210,15 +241,18 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"Size `{results['size']}`, device `{results['device']}`, dtype `{results['dtype']}`, guidance "
              f"{results['guidance']}, {results['repeats']} repeats after {results['warmup']} warm-up; "
              f"{results['date']}; `{results['command']}`", ""]
-    lines.append("| row | " + " | ".join(f"{s} steps (s)" for s in steps) + " | per step (s) | speed-up vs diffusers |")
-    lines.append("|---|" + "---|" * (len(steps) + 2))
+    lines.append("| row | " + " | ".join(f"{s} steps (s)" for s in steps) +
+                 " | per step (s) | speed-up vs diffusers | diff vs fp32 (max / mean, 0..255) |")
+    lines.append("|---|" + "---|" * (len(steps) + 3))
     for name, row in results["rows"].items():
         e2e = row["end_to_end"]
         cells = [f"{e2e[s]['median_s']:.3f}" for s in steps]
         per = f"{e2e['per_step_s']:.3f}" if "per_step_s" in e2e else "-"
         ratio = row.get("ratio_vs_diffusers", {})
         rtext = ", ".join(f"{k}: {v:.2f}x" for k, v in ratio.items()) if ratio else "(reference)"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per} | {rtext} |")
+        d = row.get("diff_vs_fp32")
+        dtext = f"{d['max']} / {d['mean']:.2f}" if d else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per} | {rtext} | {dtext} |")
     lines += ["", "| row | " + " | ".join(STAGES) + " | throughput (img/s) |", "|---|" + "---|" * (len(STAGES) + 1)]
     for name, row in results["rows"].items():
         if "stages" in row:
@@ -264,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="backgrounds in the throughput run")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default"],
+                   help="PyTorch-backend options to measure, one row each (default: the backend's defaults)")
+    p.add_argument("--check-fp32", action="store_true",
+                   help="report each row's difference from composekit's fp32 result at the largest step count")
     p.add_argument("--onnx", action="store_true", help="also measure the onnxruntime backend (exports if needed)")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--models", default=".bench-models", help="where random models are cached")

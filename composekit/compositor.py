@@ -20,6 +20,7 @@ from .backends import Backend, choose_backend, load_backend
 from .errors import InputError, ModelError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
+from .engines import is_engine_dir, read_engine_dir
 from .manifest import is_export_dir, read_manifest
 from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
 from .sampler import SamplerOptions, sample
@@ -132,7 +133,8 @@ class Compositor:
         Args:
             source: a directory in diffusers' Paint-by-Example layout, or a Hub repo id such as
                 ``"Fantasy-Studio/Paint-by-Example"`` (downloaded once into the Hugging Face cache).
-            backend: ``"torch"`` or ``"auto"``.
+            backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (by what ``source``
+                holds: engines -> tensorrt, an ONNX export -> onnxruntime, a diffusers model -> torch).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when torch sees a GPU.
                 Asking for a GPU that is not there raises :class:`BackendUnavailableError`.
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.
@@ -140,11 +142,17 @@ class Compositor:
             local_files_only: never touch the network (also set by ``HF_HUB_OFFLINE=1``).
             backend_options: passed to the backend. ``onnxruntime``: ``providers`` (a list, wins over
                 ``device``), ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization``
-                (``"disable" | "basic" | "extended" | "all"``).
+                (``"disable" | "basic" | "extended" | "all"``), ``io_binding`` (default: on with CUDA).
+                ``tensorrt``: ``cuda_graph`` (replay the U-Net step as a CUDA graph), ``verify_engines``.
+                ``torch``: ``channels_last``, ``compile`` (see the backends page of the docs).
         """
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
         name = choose_backend(backend, root)
-        if is_export_dir(root):
+        if is_engine_dir(root):
+            manifest = read_engine_dir(root).manifest  # the backend checks each engine against its sidecar
+            scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
+            backdrop = manifest.cutout_backdrop
+        elif is_export_dir(root):
             manifest = read_manifest(root, verify=False)  # the backend verifies the files it loads
             scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
             backdrop = manifest.cutout_backdrop
@@ -181,6 +189,7 @@ class Compositor:
         harmonize: float = 0.5,
         shadow: float = 0.35,
         guidance_end: float = 1.0,
+        decode: str = "window",
     ) -> CompositeResult:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
@@ -209,6 +218,11 @@ class Compositor:
             guidance_end: Fraction of the steps (from the start) that use classifier-free guidance;
                 later steps run one conditional U-Net pass instead of two. 1.0 (default) guides
                 every step, as the reference pipeline does.
+            decode: ``"window"`` (default) decodes the whole context window, as the reference pipeline
+                does; ``"region"`` decodes only the editable region's latent cells plus a 64-pixel
+                margin (what is pasted back), which is cheaper when the region is small. The VAE
+                decoder's attention sees the whole latent, so the result differs slightly (measured
+                in docs/benchmarks.md). Needs a backend whose decoder takes any size (``torch``).
             harmonize: Classic method: colour-transfer strength, 0..1.
             shadow: Classic method: contact-shadow darkness, 0..1.
 
@@ -238,6 +252,11 @@ class Compositor:
                 "this Compositor has no model, so only method='classic' is available; load one with "
                 "Compositor.from_pretrained('Fantasy-Studio/Paint-by-Example') for generative compositing"
             )
+        if decode not in ("window", "region"):
+            raise InputError(f"decode must be 'window' or 'region', got {decode!r}")
+        if decode == "region" and self.backend is not None and not self.backend.info.any_size_decode:
+            raise InputError(f"decode='region' needs a decoder that takes any latent size; the {self.backend.name} "
+                             "backend's exported decoder has a fixed size. Use decode='window' or backend='torch'")
         for name, value in (("harmonize", harmonize), ("shadow", shadow), ("guidance_end", guidance_end)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise InputError(f"{name} must be a number in 0..1, got {value!r}")
@@ -264,7 +283,8 @@ class Compositor:
             hole,
             object_pixels,
             SamplerOptions(steps=int(steps), guidance=float(guidance), eta=float(eta), seed=seed,
-                           guidance_end=float(guidance_end), progress=progress, callback=callback),
+                           guidance_end=float(guidance_end), decode=decode, progress=progress,
+                           callback=callback),
             latents=latents,
             encode_object=self._object_context,
         )

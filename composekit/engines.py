@@ -6,6 +6,10 @@ its sha256, the TensorRT version, the GPU name and compute capability, the build
 optimisation profile. :func:`check_engine` refuses an engine whose bytes do not match its sidecar
 (``ModelError``) or that was built for another TensorRT or GPU architecture
 (``EngineIncompatibleError``, saying how to rebuild). Pure Python: no TensorRT import.
+
+An engine directory holds the engines, their sidecars and ``engines.json``, which lists them and
+carries the ONNX export's manifest data (dimensions, scheduler, feature extractor), so the engines
+load without the ONNX files. :func:`read_engine_dir` reads it.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineIncompatibleError, ModelError
+from .errors import BackendUnavailableError, EngineIncompatibleError, ModelError
 from .files import atomic_file
 from .loading import read_json
-from .manifest import sha256_file
+from .manifest import ExportManifest, sha256_file
+from .specs import COMPONENT_NAMES
 
-__all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT"]
+__all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT",
+           "ENGINES", "EngineDir", "is_engine_dir", "read_engine_dir", "gpu_identity"]
 
 logger = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "composekit-trt-engine"
+ENGINES = "engines.json"
 REBUILD_HINT = "rebuild the engines on this machine with `composekit-export tensorrt ONNX_EXPORT_DIR ENGINE_DIR`"
 
 
@@ -103,3 +110,56 @@ def check_engine(engine: str | os.PathLike, *, tensorrt_version: str, gpu_name: 
         logger.warning("engine %s was built on %s and runs on %s: it works, but tactics were tuned for the other "
                        "GPU; rebuild for best speed", engine.name, sidecar.gpu_name, gpu_name)
     return sidecar
+
+
+@dataclass(frozen=True)
+class EngineDir:
+    """A TensorRT engine directory: its engines and the ONNX export's manifest data they came from."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def manifest(self) -> ExportManifest:
+        """The source export's manifest (dims, precision, scheduler, ...); its ONNX files are not needed."""
+        return ExportManifest(self.root, dict(self.data["onnx_manifest"]))
+
+    def path(self, component: str) -> Path:
+        name = self.data["engines"][component]["file"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ModelError(f"{self.root / ENGINES}: engine file {name!r} must be a plain file name; {REBUILD_HINT}")
+        return self.root / name
+
+
+def is_engine_dir(root: Path) -> bool:
+    return (Path(root) / ENGINES).is_file()
+
+
+def read_engine_dir(root: str | os.PathLike) -> EngineDir:
+    """Parse ``root/engines.json``; every component must have an engine entry."""
+    root = Path(root)
+    data = read_json(root / ENGINES, fix=REBUILD_HINT,
+                     missing=f"{root} has no {ENGINES}; it is not a composekit engine directory ({REBUILD_HINT})")
+    if not isinstance(data.get("onnx_manifest"), dict) or not isinstance(data.get("engines"), dict):
+        raise ModelError(f"{root / ENGINES} lacks 'onnx_manifest' or 'engines'; {REBUILD_HINT}")
+    missing = [c for c in COMPONENT_NAMES if c not in data["engines"]]
+    if missing:
+        raise ModelError(f"{root / ENGINES} lists no engine for {missing}; {REBUILD_HINT}")
+    return EngineDir(root, data)
+
+
+def gpu_identity(device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") through cuda-python, without torch."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "reading the GPU's identity needs cuda-python: `pip install 'composekit[trt]'`") from exc
+    err, props = cudart.cudaGetDeviceProperties(device)
+    if int(err) != 0:
+        raise BackendUnavailableError(f"CUDA could not describe GPU {device} (error {err}); is a GPU visible?")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return name.strip("\x00 "), f"{props.major}.{props.minor}"

@@ -41,6 +41,7 @@ class SamplerOptions:
     eta: float = 0.0
     seed: int = 0
     guidance_end: float = 1.0  # fraction of the steps that use guidance (the rest run one conditional pass)
+    decode: str = "window"  # "window": decode the whole window; "region": only the hole plus a margin
     progress: bool = True
     callback: StepCallback | None = None
 
@@ -123,8 +124,13 @@ def sample(
     if nine_channel:
         extras = {b: (backend.cat([z_bg] * b, 0), backend.cat([keep_latent_b] * b, 0)) for b in contexts}
     timesteps = scheduler.timesteps(options.steps)
+    # The loop's own noise (DDIM's z for eta > 0; ObjectStitch's background re-noising), drawn now in the
+    # loop's order and copied to the device once, so the loop makes no host->device copy (a host sync on CUDA).
+    draws_per_step = int(options.eta > 0) + int(not nine_channel)
+    step_noise = (backend.asarray(rng.standard_normal((len(timesteps), draws_per_step, *shape[1:]), dtype=np.float32))
+                  if draws_per_step else None)
 
-    # 4. The masked DDIM loop.
+    # 4. The masked DDIM loop (no host synchronisation inside it unless a callback asks for the latents).
     for i, t in enumerate(tqdm(timesteps, disable=not options.progress, desc="composekit", leave=False)):
         t = int(t)
         cfg = i < guided_steps
@@ -138,23 +144,43 @@ def sample(
             # 4b. Classifier-free guidance: eps = eps(x, v) + s (eps(x, c) - eps(x, v)).
             eps = eps[:1] + options.guidance * (eps[1:] - eps[:1])
         # 4c. DDIM update x_t -> x_{t-1} (sigma from eta; z drawn on the CPU).
-        z = backend.asarray(rng.standard_normal(shape, dtype=np.float32)) if options.eta > 0 else None
+        z = step_noise[i, :1] if options.eta > 0 else None
         x, _ = scheduler.step(eps, t, x, options.steps, eta=options.eta, noise=z)
         if not nine_channel:
             # 4d. ObjectStitch's masked step: outside M, the background latent noised to t-1.
             t_prev = scheduler.coefficients(t, options.steps).t_prev
-            noise = backend.asarray(rng.standard_normal(shape, dtype=np.float32))
+            noise = step_noise[i, draws_per_step - 1:draws_per_step]
             z_bg_t = scheduler.add_noise(z_bg, noise, t_prev) if t_prev >= 0 else z_bg
             x = x * (1.0 - keep_latent_b) + z_bg_t * keep_latent_b
         if options.callback is not None:
             options.callback(i, t, backend.to_numpy(x))
     t0 = lap("denoise", t0)
 
-    # 5. Decode the window and map [-1, 1] -> uint8.
+    # 5. Decode the window (or, with decode="region", only the hole's latent cells plus a margin: the
+    #    rest of the window is never pasted back) and map [-1, 1] -> uint8.
     final = backend.to_numpy(x)
     _check_finite(final, "final latents")
-    decoded = backend.to_numpy(backend.decode(x))[0]
+    ya, yb, xa, xb = decode_cells(keep_latent[0, 0], options.decode)
+    decoded = backend.to_numpy(backend.decode(x[:, :, ya:yb, xa:xb]))[0]
     _check_finite(decoded, "decoded image")
-    out = np.rint(np.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+    pixels = np.rint(np.clip(decoded / 2 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+    out = window.copy()
+    out[ya * f:yb * f, xa * f:xb * f] = pixels
     lap("decode", t0)
     return SampleOutput(image=np.ascontiguousarray(out), latents=final, timings=timings)
+
+
+# Latent cells decoded around the hole with decode="region" (64 pixels for SD's factor 8). The VAE
+# decoder's convolutions see past a crop's edge; this margin keeps the pixels that are pasted back
+# away from it.
+REGION_MARGIN = 8
+
+
+def decode_cells(keep: np.ndarray, mode: str) -> tuple[int, int, int, int]:
+    """Latent rows and columns ``(y0, y1, x0, x1)`` to decode: all of them, or the hole plus a margin."""
+    h, w = keep.shape
+    if mode == "window" or keep.all():
+        return 0, h, 0, w
+    rows, cols = np.nonzero(keep < 0.5)
+    return (max(int(rows.min()) - REGION_MARGIN, 0), min(int(rows.max()) + 1 + REGION_MARGIN, h),
+            max(int(cols.min()) - REGION_MARGIN, 0), min(int(cols.max()) + 1 + REGION_MARGIN, w))

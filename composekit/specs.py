@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["ModelDims", "TensorSpec", "ComponentSpec", "component_specs", "COMPONENT_NAMES"]
 
 COMPONENT_NAMES = ("object_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -73,6 +75,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     # dynamic axis name -> (min, opt, max) for TensorRT profiles
     ranges: Mapping[str, tuple[int, int, int]]
+    scale: int = 8  # pixels per latent cell: relates the pixel axes (H, W) to the latent ones (h, w)
 
     @property
     def file(self) -> str:
@@ -106,6 +109,44 @@ class ComponentSpec:
                 out[t.name] = rng.standard_normal(shape).astype(float_dtype)
         return out
 
+    def sizes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """The dynamic axes' sizes for concrete input ``shapes``, checked against the spec and its ranges.
+
+        Raises :class:`InputError` naming the input, the axis, the actual and the allowed size: a
+        shape outside the range cannot run on an engine built from this spec's profile.
+        """
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            if t.name not in shapes:
+                raise InputError(f"{self.name}: input {t.name!r} is missing; expected {self.input_names}")
+            actual = tuple(int(d) for d in shapes[t.name])
+            if len(actual) != len(t.shape):
+                raise InputError(f"{self.name}: input {t.name!r} has shape {actual}; expected {t.shape}")
+            for axis, (want, got) in enumerate(zip(t.shape, actual)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"{self.name}: input {t.name!r} has shape {actual}; axis {axis} must be {want}")
+                if isinstance(want, str):
+                    if sizes.setdefault(want, got) != got:
+                        raise InputError(f"{self.name}: axis {want} is {sizes[want]} in one input and {got} in "
+                                         f"{t.name!r}; all inputs must agree")
+                    lo, _, hi = self.ranges[want]
+                    if not lo <= got <= hi:
+                        raise InputError(
+                            f"{self.name}: {want}={got} in input {t.name!r} is outside the exported range "
+                            f"{lo}..{hi}; re-export (and rebuild engines) with a larger range"
+                        )
+        for big, small in (("H", "h"), ("W", "w")):  # pixel and latent axes determine each other
+            if small in sizes:
+                sizes.setdefault(big, sizes[small] * self.scale)
+            if big in sizes:
+                sizes.setdefault(small, sizes[big] // self.scale)
+        return sizes
+
+    def output_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Each output's concrete shape for concrete input ``shapes`` (checked as in :meth:`sizes`)."""
+        sizes = self.sizes(shapes)
+        return {t.name: t.concrete(sizes) for t in self.outputs}
+
     def trt_profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT optimisation profile: input name -> (min, opt, max) shapes."""
         return {
@@ -138,6 +179,7 @@ def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: i
             inputs=(TensorSpec("pixel_values", ("B", 3, c, c)),),
             outputs=(TensorSpec("context", ("B", t, d)), TensorSpec("uncond", ("B", t, d))),
             ranges=enc_batch,
+            scale=f,
         ),
         "unet": ComponentSpec(
             "unet",
@@ -148,17 +190,20 @@ def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: i
             ),
             outputs=(TensorSpec("noise_pred", ("B", dims.latent_channels, *latent)),),
             ranges=ranges,
+            scale=f,
         ),
         "vae_encoder": ComponentSpec(
             "vae_encoder",
             inputs=(TensorSpec("image", ("B", 3, *pix)),),
             outputs=(TensorSpec("latent", ("B", dims.latent_channels, *latent)),),
             ranges={**enc_batch, **spatial},
+            scale=f,
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
             inputs=(TensorSpec("latent", ("B", dims.latent_channels, *latent)),),
             outputs=(TensorSpec("image", ("B", 3, *pix)),),
             ranges={**enc_batch, **spatial},
+            scale=f,
         ),
     }

@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_harness_writes_json_markdown_and_plot(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size", "tiny", "--steps", "2", "3", "--repeats", "2", "--warmup", "0",
-         "--batch", "2", "--onnx", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
+         "--batch", "2", "--onnx", "--variants", "default", "channels_last", "--check-fp32", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["rows"]) == {"composekit-torch-float32", "composekit-onnxruntime-fp32",
-                                    "diffusers-PaintByExamplePipeline"}
+    assert set(results["rows"]) == {"composekit-torch-float32", "composekit-torch-float32-channels_last",
+                                    "composekit-onnxruntime-fp32", "diffusers-PaintByExamplePipeline"}
+    # the fp32 reference is the default row's own configuration: no difference at all
+    assert results["rows"]["composekit-torch-float32"]["diff_vs_fp32"]["max"] == 0
+    assert results["rows"]["composekit-onnxruntime-fp32"]["diff_vs_fp32"]["max"] <= 2
     row = results["rows"]["composekit-torch-float32"]
     assert set(row["stages"]) == {"encode_object", "encode_image", "unet_step", "decode"}
     assert set(row["ratio_vs_diffusers"]) == {"2", "3", "per_step"}

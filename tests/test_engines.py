@@ -99,8 +99,13 @@ def test_build_without_tensorrt_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="TensorRT is not installed: no machine this project is built and tested on has it")
 def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: no cover - needs TensorRT + GPU
+    import numpy as np
+
+    from composekit import Compositor
+    from composekit.engines import gpu_identity
+    from conftest import gradient_background, noise_object
     from export.onnx_export import export_onnx
-    from export.tensorrt_build import build_engines, gpu_identity
+    from export.tensorrt_build import build_engines
 
     export_onnx(tiny_model_dir, tmp_path / "onnx")
     engines = build_engines(tmp_path / "onnx", tmp_path / "engines", timing_cache=tmp_path / "cache")
@@ -111,3 +116,11 @@ def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: 
         check_engine(tmp_path / "engines" / entry["file"], tensorrt_version=tensorrt.__version__, gpu_name=name,
                      compute_capability=cc)
     assert (tmp_path / "cache").stat().st_size > 0
+    # The real engines against the PyTorch backend (fp16 engines: the tolerance is fp16's).
+    bg, obj, box = gradient_background(140, 100), noise_object(), (20, 10, 100, 80)
+    ref = Compositor.from_pretrained(tiny_model_dir, device="cpu").paste(obj, bg, box, steps=5, seed=3, progress=False)
+    for graph in (False, True):
+        comp = Compositor.from_pretrained(tmp_path / "engines", backend="tensorrt", cuda_graph=graph)
+        got = comp.paste(obj, bg, box, steps=5, seed=3, progress=False)
+        np.testing.assert_array_equal(np.asarray(got.image)[~got.mask], np.asarray(bg)[~got.mask])
+        assert np.abs(np.asarray(got.image, int) - np.asarray(ref.image, int)).max() <= 8

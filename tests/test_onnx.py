@@ -184,3 +184,24 @@ def test_export_cli(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "unet" in proc.stdout and "max |onnxruntime - torch|" in proc.stdout
     assert (tmp_path / "cli" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_io_binding_gives_the_same_result_as_plain_runs(exported, family):
+    # IO binding on host buffers: the binding code the CUDA path uses (with CuPy buffers) on the CPU.
+    _, dst = exported[family]
+    plain = Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu")
+    bound = Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu", io_binding=True)
+    assert "IO binding on cpu" in bound.backend.describe() and "IO binding" not in plain.backend.describe()
+    bg, obj = gradient_background(140, 100), noise_object()
+    lat_p, lat_b = [], []
+    kw = dict(steps=4, seed=2, guidance_end=0.5, progress=False)  # batch 2, then batch 1
+    a = plain.paste(obj, bg, BOX, callback=lambda i, t, x: lat_p.append(x), **kw)
+    b = bound.paste(obj, bg, BOX, callback=lambda i, t, x: lat_b.append(x), **kw)
+    for x, y in zip(lat_p, lat_b):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    with pytest.raises(InputError, match="io_binding"):
+        Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu", io_binding="yes")
+    with pytest.raises(InputError, match="fixed size"):  # exported decoders cannot decode a crop
+        bound.paste(obj, bg, BOX, steps=1, progress=False, decode="region")

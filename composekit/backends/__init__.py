@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, InputError
+from ..engines import is_engine_dir
 from ..manifest import is_export_dir
 from .base import Backend, ModelInfo
 
@@ -20,20 +21,22 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "torch": ("composekit.backends.torch_backend", "load", "composekit[torch]"),
     "onnxruntime": ("composekit.backends.onnxruntime_backend", "load", "composekit[onnx]"),
+    "tensorrt": ("composekit.backends.tensorrt_backend", "load", "composekit[trt]"),
 }
 
 
 def choose_backend(requested: str, model_dir: Path) -> str:
     """Resolve ``"auto"``; an explicit name always wins (and is checked).
 
-    ``"auto"`` picks ``"onnxruntime"`` for an export directory (one with ``manifest.json``) and
-    ``"torch"`` for a diffusers-layout model directory, and logs the choice.
+    ``"auto"`` picks ``"tensorrt"`` for an engine directory (``engines.json``), ``"onnxruntime"`` for
+    an ONNX export directory (``manifest.json``) and ``"torch"`` for a diffusers-layout model
+    directory, and logs the choice.
     """
     if requested != "auto":
         if requested not in BACKENDS:
             raise InputError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(BACKENDS)}")
         return requested
-    choice = "onnxruntime" if is_export_dir(model_dir) else "torch"
+    choice = "tensorrt" if is_engine_dir(model_dir) else "onnxruntime" if is_export_dir(model_dir) else "torch"
     logger.info("backend='auto' chose %r for %s", choice, model_dir)
     return choice
 

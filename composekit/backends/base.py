@@ -25,6 +25,7 @@ class ModelInfo:
     latent_channels: int  # 4 for SD
     unet_in_channels: int  # 9 (latent + masked latent + mask) or 4 (plain SD U-Net)
     source: str  # where the model was loaded from
+    any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
 
 
 @runtime_checkable

@@ -1,14 +1,22 @@
 """ONNX Runtime backend: runs an exported model (``composekit-export onnx``) without PyTorch.
 
-Arrays are numpy float32 on the host; each graph call casts to the graph's precision and back, so
-the sampler's arithmetic stays in float32 whatever the export precision.
+The sampler's arithmetic stays in float32 whatever the export precision: each graph call casts its
+inputs to the graph's precision and its outputs back.
+
+Two ways to call a graph:
+
+- plain ``session.run`` with numpy arrays on the host (the default on the CPU);
+- IO binding (``io_binding=True``, the default with a CUDA provider): inputs and outputs are bound
+  to preallocated buffers by address (their shapes come from :mod:`composekit.specs`), so on CUDA
+  the latents stay in GPU memory (CuPy arrays) for the whole loop. The same binding code runs on the
+  host with numpy buffers, which is how the project tests it.
 
 Providers: an explicit ``providers`` list wins. Otherwise ``device="cuda"`` asks for the CUDA
 execution provider (TensorRT's first when present) and raises if neither is available;
 ``device=None`` takes CUDA when onnxruntime offers it and the CPU otherwise, and logs the choice.
 
-Not done yet: IO binding on CUDA (latents are copied host <-> device at each graph call), and the
-CUDA path has not been run by the project (no GPU with onnxruntime-gpu was available).
+NOT RUN BY THE PROJECT: the CUDA providers (no GPU with onnxruntime-gpu was available to it). IO
+binding is tested with host buffers only.
 
 ONNX Runtime sessions may be run from several threads at once, so one backend serves concurrent
 callers.
@@ -24,8 +32,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailableError, InputError, ModelError
+from ..engines import is_engine_dir
 from ..manifest import ExportManifest, is_export_dir, read_manifest
-from ..specs import COMPONENT_NAMES
+from ..specs import COMPONENT_NAMES, component_specs
+from .arrays import ArrayModule
 from .base import ModelInfo
 
 __all__ = ["OnnxRuntimeBackend", "load"]
@@ -95,10 +105,15 @@ def check_external_data(path: Path, root: Path) -> None:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, manifest: ExportManifest, providers: list[Any], session_options: Any) -> None:
+    def __init__(self, manifest: ExportManifest, providers: list[Any], session_options: Any,
+                 arrays: ArrayModule | None = None) -> None:
+        """``arrays`` set: call graphs through IO binding with buffers of that device."""
         import onnxruntime as ort
 
         self.manifest = manifest
+        self.arrays = arrays
+        self.specs = component_specs(manifest.dims, dynamic_spatial=bool(manifest.data.get("dynamic_spatial")),
+                                     max_batch=int(manifest.data.get("max_batch", 4)))
         self.sessions = {}
         for name in COMPONENT_NAMES:
             path = manifest.path(name)
@@ -121,25 +136,50 @@ class OnnxRuntimeBackend:
         )
 
     def describe(self) -> str:
-        return f"{self.providers[0]}, {self.manifest.precision}"
+        binding = f", IO binding on {self.arrays.device_type}" if self.arrays is not None else ""
+        return f"{self.providers[0]}, {self.manifest.precision}{binding}"
 
-    def _run(self, name: str, **inputs: np.ndarray) -> list[np.ndarray]:
+    def _run(self, name: str, **inputs: Any) -> list[Any]:
+        if self.arrays is not None:
+            return self._run_bound(name, inputs)
         feeds = {k: (v if v.dtype == np.int64 else v.astype(self.float, copy=False)) for k, v in inputs.items()}
         return [o.astype(np.float32, copy=False) for o in self.sessions[name].run(None, feeds)]
 
+    def _run_bound(self, name: str, inputs: dict[str, Any]) -> list[Any]:
+        """One graph call through IO binding: every input and output bound by address, no host copies."""
+        arrays, session = self.arrays, self.sessions[name]
+        spec = self.specs[name]
+        typed = {k: arrays.cast(v, np.int64 if v.dtype == np.int64 else self.float) for k, v in inputs.items()}
+        outputs = {k: arrays.empty(shape, self.float)
+                   for k, shape in spec.output_shapes({k: v.shape for k, v in typed.items()}).items()}
+        binding = session.io_binding()
+        for key, buf in (*typed.items(), *outputs.items()):
+            bind = binding.bind_input if key in typed else binding.bind_output
+            bind(key, arrays.device_type, arrays.device_id, buf.dtype.type, tuple(buf.shape), arrays.pointer(buf))
+        arrays.synchronize()  # inputs written on the array stream are complete before onnxruntime reads them
+        session.run_with_iobinding(binding)
+        return [arrays.cast(outputs[k], np.float32) for k in spec.output_names]
+
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def asarray(self, x: np.ndarray) -> np.ndarray:
+    def asarray(self, x: np.ndarray) -> Any:
+        if self.arrays is not None:
+            return self.arrays.from_host(x)
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if self.arrays is not None:
+            return self.arrays.to_host(x)
         return np.asarray(x, dtype=np.float32)
 
-    def cat(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
+    def cat(self, xs: list[Any], axis: int) -> Any:
+        if self.arrays is not None:
+            return self.arrays.concatenate(xs, axis)
         return np.concatenate(xs, axis=axis)
 
     def synchronize(self) -> None:
-        return None
+        if self.arrays is not None:
+            self.arrays.synchronize()
 
     # -- the four components ----------------------------------------------------------------------
 
@@ -150,8 +190,10 @@ class OnnxRuntimeBackend:
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         return self._run("vae_encoder", image=image)[0]
 
-    def unet(self, sample: np.ndarray, timestep: int, context: np.ndarray) -> np.ndarray:
+    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         t = np.full((sample.shape[0],), int(timestep), dtype=np.int64)
+        if self.arrays is not None:
+            t = self.arrays.from_host(t, np.int64)
         return self._run("unet", sample=sample, timestep=t, encoder_hidden_states=context)[0]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -160,8 +202,12 @@ class OnnxRuntimeBackend:
 
 def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
          intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-         graph_optimization: str = "all") -> OnnxRuntimeBackend:
-    """Load an export directory. ``dtype`` must be None or the export's precision (it is fixed at export)."""
+         graph_optimization: str = "all", io_binding: bool | None = None) -> OnnxRuntimeBackend:
+    """Load an export directory. ``dtype`` must be None or the export's precision (it is fixed at export).
+
+    ``io_binding``: None = on with a CUDA provider (latents stay on the GPU, needs CuPy), off on the
+    CPU; True on the CPU binds host buffers (same results as plain runs).
+    """
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -170,6 +216,9 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
             "`pip install 'composekit[gpu]'` (CUDA)"
         ) from exc
     model_dir = Path(model_dir)
+    if is_engine_dir(model_dir) and not is_export_dir(model_dir):
+        raise ModelError(f"{model_dir} is a TensorRT engine directory; load it with backend='tensorrt', or load "
+                         "the ONNX export it was built from with backend='onnxruntime'")
     if not is_export_dir(model_dir):
         raise ModelError(
             f"{model_dir} is not an exported model (no manifest.json); export it first with "
@@ -190,4 +239,15 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"{attr.replace('_num', '')} must be a non-negative integer, got {value!r}")
             setattr(options, attr, value)
-    return OnnxRuntimeBackend(manifest, _providers(ort, device, providers), options)
+    chosen = _providers(ort, device, providers)
+    first = chosen[0][0] if isinstance(chosen[0], (tuple, list)) else chosen[0]
+    on_gpu = first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    if io_binding is None:
+        io_binding = on_gpu
+    if not isinstance(io_binding, bool):
+        raise InputError(f"io_binding must be True, False or None, got {io_binding!r}")
+    arrays = None
+    if io_binding:
+        index = chosen[0][1].get("device_id", 0) if isinstance(chosen[0], (tuple, list)) and len(chosen[0]) > 1 else 0
+        arrays = ArrayModule(f"cuda:{index}" if on_gpu else "cpu")
+    return OnnxRuntimeBackend(manifest, chosen, options, arrays)

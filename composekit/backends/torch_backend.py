@@ -17,6 +17,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..loading import ModelFiles, read_model_dir
+from ..engines import is_engine_dir
 from ..manifest import is_export_dir
 from .base import ModelInfo
 
@@ -156,10 +157,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, channels_last: bool = False,
+                 compile: bool | str = False) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         self.device, self.dtype = device, dtype
+        self.channels_last, self.compile_mode = channels_last, compile
+        self._timesteps: dict[int, torch.Tensor] = {}
         self.family = files.family
         loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
         if files.family == "objectstitch":
@@ -173,6 +177,14 @@ class TorchBackend:
         modules = {name: _load_component(cls, files, name, device, dtype) for name, cls in loaders.items()}
         self.image_encoder, self.unet_model, self.vae = modules["image_encoder"], modules["unet"], modules["vae"]
         self.adaptor = modules.get("adaptor")
+        if channels_last:  # NHWC convolutions (faster with cuDNN's fp16 kernels); same weights, same function
+            self.unet_model.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        # The module the step loop calls: the U-Net itself, or its torch.compile'd version.
+        self._unet_call = self.unet_model
+        if compile:
+            mode = None if compile is True else compile
+            self._unet_call = torch.compile(self.unet_model, mode=mode, fullgraph=False, dynamic=False)
         vae_cfg, unet_cfg = self.vae.config, self.unet_model.config
         scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.scaling = float(vae_cfg.scaling_factor)
@@ -183,10 +195,14 @@ class TorchBackend:
             latent_channels=int(vae_cfg.latent_channels),
             unet_in_channels=int(unet_cfg.in_channels),
             source=str(files.root),
+            any_size_decode=True,
         )
 
     def describe(self) -> str:
-        return f"{self.device}, {str(self.dtype).replace('torch.', '')}"
+        extras = (["channels_last"] if self.channels_last else []) + (
+            [f"compiled ({self.compile_mode if isinstance(self.compile_mode, str) else 'default'})"]
+            if self.compile_mode else [])
+        return ", ".join([str(self.device), str(self.dtype).replace("torch.", ""), *extras])
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -223,23 +239,41 @@ class TorchBackend:
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
-        t = torch.tensor(int(timestep), device=self.device, dtype=torch.long)
-        return self.unet_model(sample, t, encoder_hidden_states=context).sample
+        t = self._timesteps.get(int(timestep))
+        if t is None:  # one host->device copy per distinct timestep, not one per step and call
+            t = self._timesteps.setdefault(int(timestep), torch.tensor(int(timestep), device=self.device,
+                                                                        dtype=torch.long))
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return self._unet_call(sample, t, encoder_hidden_states=context).sample
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling).sample
 
 
-def load(model_dir: Path, *, device: Any = None, dtype: Any = None) -> TorchBackend:
-    """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``."""
-    if is_export_dir(Path(model_dir)):
-        raise ModelError(
-            f"{model_dir} is an exported (ONNX) model; load it with backend='onnxruntime' (or 'auto')"
-        )
+def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
+         compile: bool | str = False) -> TorchBackend:
+    """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``.
+
+    ``channels_last``: NHWC memory layout for the U-Net and VAE (None = on for CUDA, off on the CPU).
+    ``compile``: ``torch.compile`` the U-Net (True, or a mode such as ``"reduce-overhead"``, which
+    replays CUDA graphs, or ``"max-autotune"``); the first call compiles (minutes for a full model).
+    """
+    if is_export_dir(Path(model_dir)) or is_engine_dir(Path(model_dir)):
+        kind, name = ("a TensorRT engine directory", "tensorrt") if is_engine_dir(Path(model_dir)) else (
+            "an exported (ONNX) model", "onnxruntime")
+        raise ModelError(f"{model_dir} is {kind}; load it with backend={name!r} (or 'auto')")
     files = read_model_dir(Path(model_dir))
     dev = _device(device)
     dt = _dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
         logger.warning("float16 on CPU is slow and imprecise; float32 is recommended there")
-    return TorchBackend(files, dev, dt)
+    if channels_last is None:
+        channels_last = dev.type == "cuda"
+    if not isinstance(channels_last, bool):
+        raise InputError(f"channels_last must be True, False or None, got {channels_last!r}")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if not isinstance(compile, bool) and compile not in modes:
+        raise InputError(f"compile must be True, False or one of {modes}, got {compile!r}")
+    return TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)

@@ -1,0 +1,89 @@
+"""Buffers for the exported-model backends: numpy on the host, CuPy on a CUDA device.
+
+The ONNX Runtime backend (with IO binding) and the TensorRT backend hand graphs raw buffer
+addresses. This module gives them one way to allocate, cast, concatenate and address arrays on
+either side, so the same binding code runs on the host (where the project tests it) and on the GPU
+(CuPy, imported only when a CUDA device is asked for). No torch.
+
+Streams: graph calls are ordered after the array work queued before them and before the work queued
+after them (events on CuPy's current stream); on the host everything is synchronous.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, InputError
+
+__all__ = ["ArrayModule"]
+
+
+class ArrayModule:
+    """Arrays of one device: ``"cpu"`` (numpy) or ``"cuda"`` / ``"cuda:N"`` (CuPy)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        kind, _, index = str(device).partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise InputError(f"device {device!r} is not supported here; use 'cpu', 'cuda' or 'cuda:N'")
+        self.device_type = kind
+        self.device_id = int(index or 0)
+        if kind == "cpu":
+            self.xp: Any = np
+            return
+        try:
+            import cupy
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"device {device!r} keeps arrays on the GPU with CuPy, which is not installed; "
+                "`pip install 'composekit[trt]'` (or cupy-cuda12x / cupy-cuda13x for your CUDA)"
+            ) from exc
+        try:
+            cupy.cuda.Device(self.device_id).use()
+        except Exception as exc:  # cupy raises CUDARuntimeError without a usable GPU
+            raise BackendUnavailableError(f"device {device!r} is not usable: {exc}") from exc
+        self.xp = cupy
+
+    def __repr__(self) -> str:
+        return f"ArrayModule({self.device_type}:{self.device_id})"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_type == "cuda"
+
+    # -- arrays -----------------------------------------------------------------------------------
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.xp.empty(shape, dtype=dtype)
+
+    def from_host(self, x: np.ndarray, dtype: Any = np.float32) -> Any:
+        """A contiguous copy of a host array on this device, in ``dtype``."""
+        return self.xp.asarray(np.ascontiguousarray(x, dtype=dtype))
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """A host float32 numpy array (copied back from the GPU when needed)."""
+        host = x.get() if self.on_gpu else x
+        return np.asarray(host, dtype=np.float32)
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        """``x`` in ``dtype``, C-contiguous (no copy when it already is)."""
+        return self.xp.ascontiguousarray(x.astype(dtype, copy=False))
+
+    def concatenate(self, xs: list[Any], axis: int) -> Any:
+        return self.xp.concatenate(xs, axis=axis)
+
+    @staticmethod
+    def pointer(x: Any) -> int:
+        """The address of a contiguous array's first element."""
+        return int(x.ctypes.data) if isinstance(x, np.ndarray) else int(x.data.ptr)
+
+    # -- ordering ---------------------------------------------------------------------------------
+
+    def stream_handle(self) -> int:
+        """The current stream's handle (0 on the host), for APIs that enqueue work on a stream."""
+        return int(self.xp.cuda.get_current_stream().ptr) if self.on_gpu else 0
+
+    def synchronize(self) -> None:
+        if self.on_gpu:
+            self.xp.cuda.get_current_stream().synchronize()

@@ -1,0 +1,240 @@
+"""TensorRT backend: runs the engines built by ``composekit-export tensorrt``, without torch.
+
+NOT RUN BY THE PROJECT ON TENSORRT: no machine this project was built and tested on had TensorRT
+or could carry it. The backend is written against TensorRT 10's Python API (named tensors,
+``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``) with CuPy buffers. The tests run
+this module's own code — engine-directory reading, sidecar checks, tensor-name and shape checks,
+buffer planning and binding by address, per-thread execution contexts — against a stand-in for
+TensorRT that executes the ONNX graphs with ONNX Runtime on host buffers
+(``tests/fake_tensorrt.py``); they do not show that TensorRT itself accepts these calls.
+
+How a call runs:
+
+1. Loading checks every engine's sidecar against this TensorRT and GPU
+   (:func:`composekit.engines.check_engine`: sha256, TensorRT version, compute capability) and
+   refuses a stale engine with "rebuild with ...", then checks that each engine's tensors are the
+   ones the spec names.
+2. Each thread gets its own execution context per engine (contexts are not thread-safe), created
+   on first use.
+3. Per context and input shape, the input and output buffers are allocated once and bound by
+   address; a call copies its inputs into them (casting to the engine's dtype), sets the input
+   shapes, enqueues the engine on the current CuPy stream and returns float32 copies of the outputs.
+4. ``cuda_graph=True`` captures the U-Net's enqueue into a CUDA graph per input shape (after one
+   ordinary run) and replays it, removing the per-kernel launch cost from the step loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, read_engine_dir
+from ..errors import BackendUnavailableError, InputError, ModelError
+from ..specs import COMPONENT_NAMES, component_specs
+from .arrays import ArrayModule
+from .base import ModelInfo
+
+__all__ = ["TensorRTBackend", "load"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Binding:
+    """One execution context's buffers for one set of input shapes, bound by address."""
+
+    def __init__(self, buffers: dict[str, Any]) -> None:
+        self.buffers = buffers
+        self.graph: Any = None  # a captured CUDA graph (U-Net, cuda_graph=True)
+        self.runs = 0
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, root: Path, *, trt: Any, arrays: ArrayModule, gpu: tuple[str, str],
+                 verify_engines: bool = True, cuda_graph: bool = False) -> None:
+        if cuda_graph and not arrays.on_gpu:
+            raise InputError("cuda_graph=True needs a CUDA device")
+        engine_dir = read_engine_dir(root)
+        manifest = engine_dir.manifest
+        self.trt, self.arrays, self.cuda_graph = trt, arrays, cuda_graph
+        self.precision = manifest.precision
+        self.specs = component_specs(manifest.dims, dynamic_spatial=bool(manifest.data.get("dynamic_spatial")))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines: dict[str, Any] = {}
+        self.dtypes: dict[str, dict[str, np.dtype]] = {}
+        for name in COMPONENT_NAMES:
+            # 1. Sidecar and compatibility checks before the bytes reach TensorRT.
+            path = engine_dir.path(name)
+            sidecar = check_engine(path, tensorrt_version=str(trt.__version__), gpu_name=gpu[0],
+                                   compute_capability=gpu[1], verify_hash=verify_engines)
+            if sidecar.component != name:
+                raise ModelError(f"{path}: its sidecar describes component {sidecar.component!r}, not {name!r}")
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise ModelError(f"TensorRT could not deserialize {path}; {REBUILD_HINT}")
+            spec = self.specs[name]
+            tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT]
+            if sorted(inputs) != sorted(spec.input_names) or sorted(set(tensors) - set(inputs)) != sorted(
+                    spec.output_names):
+                raise ModelError(
+                    f"{path}: engine tensors {tensors} are not the {name} spec's inputs {spec.input_names} and "
+                    f"outputs {spec.output_names}; {REBUILD_HINT}"
+                )
+            self.engines[name] = engine
+            self.dtypes[name] = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
+        dims = manifest.dims
+        self.info = ModelInfo(
+            family=manifest.family,
+            model_size=dims.model_size,
+            vae_scale_factor=dims.vae_scale_factor,
+            latent_channels=dims.latent_channels,
+            unet_in_channels=dims.unet_in_channels,
+            source=str(root),
+        )
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.contexts_created = 0
+
+    def describe(self) -> str:
+        graphs = ", CUDA graphs" if self.cuda_graph else ""
+        return f"TensorRT {self.trt.__version__} on {self.arrays.device_type}:{self.arrays.device_id}, " \
+               f"{self.precision}{graphs}"
+
+    # -- per-thread contexts and bound buffers ----------------------------------------------------
+
+    def _context(self, name: str) -> tuple[Any, dict[tuple, _Binding]]:
+        """This thread's execution context for ``name`` (2.), and its bindings by input shapes."""
+        contexts = getattr(self._local, "contexts", None)
+        if contexts is None:
+            contexts = self._local.contexts = {}
+        if name not in contexts:
+            with self._lock:
+                context = self.engines[name].create_execution_context()
+                self.contexts_created += 1
+            if context is None:
+                raise BackendUnavailableError(f"TensorRT could not create an execution context for {name} "
+                                              "(out of GPU memory?)")
+            contexts[name] = (context, {})
+        return contexts[name]
+
+    def _binding(self, name: str, context: Any, bindings: dict[tuple, _Binding], shapes: dict[str, tuple]) -> _Binding:
+        """Buffers for these input shapes, allocated once and bound by address (3.)."""
+        key = tuple(sorted(shapes.items()))
+        if key in bindings:
+            return bindings[key]
+        spec, dtypes = self.specs[name], self.dtypes[name]
+        outputs = spec.output_shapes(shapes)  # raises InputError outside the engine's profile
+        for tensor, shape in shapes.items():
+            context.set_input_shape(tensor, shape)
+        for tensor, shape in outputs.items():
+            engine_shape = tuple(int(d) for d in context.get_tensor_shape(tensor))
+            if engine_shape != shape:
+                raise ModelError(f"{name} engine gives {tensor} the shape {engine_shape}; the spec expects {shape}. "
+                                 f"{REBUILD_HINT}")
+        buffers = {t: self.arrays.empty(s, dtypes[t]) for t, s in (*shapes.items(), *outputs.items())}
+        bindings[key] = _Binding(buffers)
+        return bindings[key]
+
+    def _run(self, name: str, inputs: dict[str, Any]) -> list[Any]:
+        arrays = self.arrays
+        context, bindings = self._context(name)
+        shapes = {k: tuple(int(d) for d in v.shape) for k, v in inputs.items()}
+        binding = self._binding(name, context, bindings, shapes)
+        for tensor, value in inputs.items():
+            arrays.xp.copyto(binding.buffers[tensor], value, casting="unsafe")
+        # Shapes and addresses are set on every call: one context serves batch 1 and batch 2 in turn.
+        for tensor, shape in shapes.items():
+            context.set_input_shape(tensor, shape)
+        for tensor, buf in binding.buffers.items():
+            context.set_tensor_address(tensor, arrays.pointer(buf))
+        if self.cuda_graph and name == "unet":
+            self._launch_graph(context, binding)
+        elif not context.execute_async_v3(arrays.stream_handle()):
+            raise ModelError(f"TensorRT failed to run the {name} engine; see the TensorRT log")
+        binding.runs += 1
+        return [binding.buffers[t].astype(np.float32) for t in self.specs[name].output_names]
+
+    def _launch_graph(self, context: Any, binding: _Binding) -> None:
+        """Replay the U-Net's captured CUDA graph (4.); capture it on the second call for these shapes."""
+        stream = self.arrays.xp.cuda.get_current_stream()
+        if binding.graph is None and binding.runs >= 1:  # TensorRT must have run once before capture
+            capture = self.arrays.xp.cuda.Stream(non_blocking=True)
+            capture.wait_event(stream.record())
+            capture.begin_capture()
+            context.execute_async_v3(capture.ptr)
+            binding.graph = capture.end_capture()
+            stream.wait_event(capture.record())
+        if binding.graph is not None:
+            binding.graph.launch(stream)
+        elif not context.execute_async_v3(stream.ptr):
+            raise ModelError("TensorRT failed to run the unet engine; see the TensorRT log")
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.arrays.from_host(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.arrays.to_host(x)
+
+    def cat(self, xs: list[Any], axis: int) -> Any:
+        return self.arrays.concatenate(xs, axis)
+
+    def synchronize(self) -> None:
+        self.arrays.synchronize()
+
+    # -- the four components ----------------------------------------------------------------------
+
+    def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
+        context, uncond = self._run("object_encoder", {"pixel_values": self.asarray(pixels)})
+        return context, uncond
+
+    def encode_image(self, image: Any) -> Any:
+        return self._run("vae_encoder", {"image": image})[0]
+
+    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
+        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
+
+    def decode(self, latents: Any) -> Any:
+        return self._run("vae_decoder", {"latent": latents})[0]
+
+
+def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]]:
+    """TensorRT, the GPU's arrays and the GPU's identity; clear errors when any is missing."""
+    kind, _, index = str(device if device is not None else "cuda").partition(":")
+    if kind != "cuda":
+        raise BackendUnavailableError(f"the tensorrt backend runs on CUDA GPUs only; got device={device!r}. Use "
+                                      "backend='onnxruntime' or 'torch' on the CPU")
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the tensorrt backend needs TensorRT, cuda-python and CuPy: `pip install 'composekit[trt]'` "
+            "(and an NVIDIA GPU); exported ONNX models also run with backend='onnxruntime'"
+        ) from exc
+    arrays = ArrayModule(f"cuda:{index or 0}")
+    return trt, arrays, gpu_identity(arrays.device_id)
+
+
+def load(model_dir: Path, *, device: Any = None, dtype: Any = None, cuda_graph: bool = False,
+         verify_engines: bool = True) -> TensorRTBackend:
+    """Load an engine directory (``engines.json``). The precision was fixed when the engines were built."""
+    model_dir = Path(model_dir)
+    if not is_engine_dir(model_dir):
+        raise ModelError(f"{model_dir} is not a TensorRT engine directory (no engines.json); build one with "
+                         f"`composekit-export tensorrt ONNX_EXPORT_DIR ENGINE_DIR`")
+    if dtype is not None:
+        raise InputError(f"dtype={dtype!r}: a TensorRT engine's precision is fixed when it is built "
+                         "(`composekit-export tensorrt --fp32` for float32); pass dtype=None")
+    if not isinstance(cuda_graph, bool):
+        raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    trt, arrays, gpu = _runtime_environment(device)
+    return TensorRTBackend(model_dir, trt=trt, arrays=arrays, gpu=gpu, verify_engines=verify_engines,
+                           cuda_graph=cuda_graph)
