@@ -183,7 +183,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     info: dict[str, object] = {"composekit": _version(), "python": sys.version.split()[0],
                                "platform": platform.platform()}
     for pkg in ("numpy", "pillow", "huggingface_hub", "safetensors", "torch", "diffusers", "transformers",
-                "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+                "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cupy-cuda12x", "cupy-cuda13x"):
         try:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -2,7 +2,7 @@
 
     composekit-export convert-objectstitch ObjectStitch.pth CLIP_DIR OUT_DIR [--size full|tiny]
     composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
-    composekit-export tensorrt ONNX_DIR ENGINE_DIR [--fp32] [--timing-cache FILE]
+    composekit-export tensorrt ONNX_DIR ENGINE_DIR [--timing-cache FILE] [--workspace-gb N]
     composekit-export adaptor-params
 
 Exit codes as for ``composekit``: 0 ok, 2 bad input, 3 model problem, 4 missing dependency or GPU,
@@ -51,7 +51,7 @@ def _onnx(args: argparse.Namespace) -> int:
 def _tensorrt(args: argparse.Namespace) -> int:
     from .tensorrt_build import build_engines
 
-    engines = build_engines(args.onnx_dir, args.output, fp16=not args.fp32, timing_cache=args.timing_cache,
+    engines = build_engines(args.onnx_dir, args.output, timing_cache=args.timing_cache,
                             workspace_gb=args.workspace_gb, overwrite=args.overwrite)
     print(f"wrote {len(engines)} engines to {args.output}")
     return 0
@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     o.set_defaults(func=_onnx)
 
     t = sub.add_parser("tensorrt", help="build TensorRT engines from an ONNX export (needs TensorRT and a GPU)",
-                       description="Build one engine per component with the spec's optimisation profiles, fp16 by "
-                       "default, reusing a timing cache; write a JSON sidecar beside each engine. Not yet run by "
-                       "the project: see export/tensorrt_build.py.")
+                       description="Build one engine per component with the spec's optimisation profiles, as a "
+                       "strongly typed network in the export's precision (export with --fp16 for fp16 engines), "
+                       "reusing a timing cache; write a JSON sidecar beside each engine. Never run by the "
+                       "project: see export/tensorrt_build.py.")
     t.add_argument("onnx_dir", help="an ONNX export directory (composekit-export onnx)")
     t.add_argument("output", help="engine directory to create")
-    t.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
     t.add_argument("--timing-cache", help="timing cache file (default: composekit-timing.cache beside OUTPUT)")
     t.add_argument("--workspace-gb", type=float, default=None)
     t.add_argument("--overwrite", action="store_true")

@@ -7,8 +7,10 @@ everywhere: :func:`write_engine_dir` (the directory, sidecars and ``engines.json
 with a stand-in compiler), the profiles from :mod:`composekit.specs`, the staleness check of
 :mod:`composekit.engines`, and the clear error when TensorRT is missing.
 
-Per component: parse the ONNX graph, set FP16 (by default), add one optimisation profile from the
-spec (min/opt/max), reuse a timing cache across builds, serialise the engine to ``NAME.plan`` and
+Per component: parse the ONNX graph into a strongly typed network — the engine's precision is the
+export's (``composekit-export onnx --fp16`` for fp16 engines): TensorRT 11 removed the weakly typed
+``BuilderFlag.FP16`` route, and TensorRT 10 takes the same strongly typed path through
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` — add one optimisation profile from the spec (min/opt/max), reuse a timing cache across builds, serialise the engine to ``NAME.plan`` and
 write ``NAME.plan.json`` beside it (the engine's bytes are never modified or prefixed). The engine
 directory's ``engines.json`` lists the engines and carries the ONNX export's manifest data
 (dimensions, scheduler, feature extractor), so the runtime needs nothing else. Everything is
@@ -75,11 +77,21 @@ def write_engine_dir(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     return engines
 
 
-def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = True,
+def _network_flags(trt) -> int:
+    """Strongly typed networks: the only kind in TensorRT 11, opted into with a flag in TensorRT 10."""
+    major = int(str(trt.__version__).split(".")[0])
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if major >= 11 or flag is None:
+        return 0
+    return 1 << int(flag)
+
+
+def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   timing_cache: str | os.PathLike | None = None, workspace_gb: float | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """Build one engine per component with TensorRT (never run by the project; see the module note)."""
     trt = _tensorrt()
+    precision = read_manifest(onnx_dir, verify=False).precision
     gpu_name, capability = gpu_identity()
     out = Path(out_dir)
     log = trt.Logger(trt.Logger.WARNING)
@@ -89,14 +101,12 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp
         cache_path.read_bytes() if cache_path.is_file() else b"")
 
     def compile_engine(name: str, onnx_path: Path, spec: ComponentSpec) -> bytes:
-        network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+        network = builder.create_network(_network_flags(trt))
         parser = trt.OnnxParser(network, log)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT could not parse {onnx_path}: {errors}")
         config = builder.create_builder_config()
-        if fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
         if workspace_gb:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
         config.set_timing_cache(cache, ignore_mismatch=False)
@@ -112,8 +122,8 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fp
     engines = write_engine_dir(
         onnx_dir, out, compile_engine, tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=capability, overwrite=overwrite,
-        build_flags={"fp16": fp16, "workspace_gb": workspace_gb, "version_compatible": False,
-                     "hardware_compatible": False})
+        build_flags={"precision": precision, "strongly_typed": True, "workspace_gb": workspace_gb,
+                     "version_compatible": False, "hardware_compatible": False})
     with atomic_file(cache_path) as f:  # reused by the next build on this GPU
         f.write(bytes(cache.serialize()))
     return engines

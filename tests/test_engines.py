@@ -124,3 +124,14 @@ def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: 
         got = comp.paste(obj, bg, box, steps=5, seed=3, progress=False)
         np.testing.assert_array_equal(np.asarray(got.image)[~got.mask], np.asarray(bg)[~got.mask])
         assert np.abs(np.asarray(got.image, int) - np.asarray(ref.image, int)).max() <= 8
+
+
+def test_networks_are_strongly_typed_on_tensorrt_10_and_11():
+    from types import SimpleNamespace
+
+    from export.tensorrt_build import _network_flags
+
+    flags = SimpleNamespace(STRONGLY_TYPED=5)
+    assert _network_flags(SimpleNamespace(__version__="10.3.0", NetworkDefinitionCreationFlag=flags)) == 1 << 5
+    # TensorRT 11 builds only strongly typed networks (its weak-typing flags are gone): no flag to pass
+    assert _network_flags(SimpleNamespace(__version__="11.4.0.106", NetworkDefinitionCreationFlag=flags)) == 0

@@ -5,13 +5,17 @@ addresses. This module gives them one way to allocate, cast, concatenate and add
 either side, so the same binding code runs on the host (where the project tests it) and on the GPU
 (CuPy, imported only when a CUDA device is asked for). No torch.
 
-Streams: graph calls are ordered after the array work queued before them and before the work queued
-after them (events on CuPy's current stream); on the host everything is synchronous.
+Streams: :meth:`ArrayModule.side_stream` runs a graph call on the calling thread's own non-blocking
+stream (TensorRT synchronises more on the legacy default stream, and CUDA graphs cannot be captured
+on it), ordered after the array work queued before it and before the work queued after it by events
+on CuPy's current stream; on the host everything is synchronous.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -29,6 +33,7 @@ class ArrayModule:
             raise InputError(f"device {device!r} is not supported here; use 'cpu', 'cuda' or 'cuda:N'")
         self.device_type = kind
         self.device_id = int(index or 0)
+        self._local = threading.local()
         if kind == "cpu":
             self.xp: Any = np
             return
@@ -80,9 +85,25 @@ class ArrayModule:
 
     # -- ordering ---------------------------------------------------------------------------------
 
-    def stream_handle(self) -> int:
-        """The current stream's handle (0 on the host), for APIs that enqueue work on a stream."""
-        return int(self.xp.cuda.get_current_stream().ptr) if self.on_gpu else 0
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[Any]:
+        """Run the enclosed work on this thread's own stream (None on the host), ordered with the current one."""
+        if not self.on_gpu:
+            yield None
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = self.xp.cuda.Stream(non_blocking=True)
+        current = self.xp.cuda.get_current_stream()
+        stream.wait_event(current.record())  # inputs queued on the current stream come first
+        with stream:
+            yield stream
+        current.wait_event(stream.record())  # later work on the current stream waits for the outputs
+
+    @staticmethod
+    def stream_handle(stream: Any) -> int:
+        """A stream's handle for APIs that enqueue work on it (0 on the host)."""
+        return 0 if stream is None else int(stream.ptr)
 
     def synchronize(self) -> None:
         if self.on_gpu:

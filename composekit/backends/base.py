@@ -27,6 +27,12 @@ class ModelInfo:
     source: str  # where the model was loaded from
     any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
 
+    @classmethod
+    def from_dims(cls, family: str, dims: Any, source: str) -> "ModelInfo":
+        """From an export's :class:`~composekit.specs.ModelDims` (exported decoders have a fixed size)."""
+        return cls(family=family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
+                   latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source)
+
 
 @runtime_checkable
 class Backend(Protocol):

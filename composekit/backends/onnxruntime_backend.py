@@ -125,15 +125,7 @@ class OnnxRuntimeBackend:
                 raise ModelError(f"onnxruntime could not load {path}: {exc}") from exc
         self.providers = self.sessions["unet"].get_providers()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        dims = manifest.dims
-        self.info = ModelInfo(
-            family=manifest.family,
-            model_size=dims.model_size,
-            vae_scale_factor=dims.vae_scale_factor,
-            latent_channels=dims.latent_channels,
-            unet_in_channels=dims.unet_in_channels,
-            source=str(manifest.root),
-        )
+        self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(manifest.root))
 
     def describe(self) -> str:
         binding = f", IO binding on {self.arrays.device_type}" if self.arrays is not None else ""

@@ -18,7 +18,8 @@ How a call runs:
    on first use.
 3. Per context and input shape, the input and output buffers are allocated once and bound by
    address; a call copies its inputs into them (casting to the engine's dtype), sets the input
-   shapes, enqueues the engine on the current CuPy stream and returns float32 copies of the outputs.
+   shapes, enqueues the engine on the thread's own CUDA stream (ordered with CuPy's current stream
+   by events) and returns float32 copies of the outputs.
 4. ``cuda_graph=True`` captures the U-Net's enqueue into a CUDA graph per input shape (after one
    ordinary run) and replays it, removing the per-kernel launch cost from the step loop.
 """
@@ -88,15 +89,7 @@ class TensorRTBackend:
                 )
             self.engines[name] = engine
             self.dtypes[name] = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
-        dims = manifest.dims
-        self.info = ModelInfo(
-            family=manifest.family,
-            model_size=dims.model_size,
-            vae_scale_factor=dims.vae_scale_factor,
-            latent_channels=dims.latent_channels,
-            unet_in_channels=dims.unet_in_channels,
-            source=str(root),
-        )
+        self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(root))
         self._local = threading.local()
         self._lock = threading.Lock()
         self.contexts_created = 0
@@ -146,34 +139,26 @@ class TensorRTBackend:
         context, bindings = self._context(name)
         shapes = {k: tuple(int(d) for d in v.shape) for k, v in inputs.items()}
         binding = self._binding(name, context, bindings, shapes)
-        for tensor, value in inputs.items():
-            arrays.xp.copyto(binding.buffers[tensor], value, casting="unsafe")
-        # Shapes and addresses are set on every call: one context serves batch 1 and batch 2 in turn.
-        for tensor, shape in shapes.items():
-            context.set_input_shape(tensor, shape)
-        for tensor, buf in binding.buffers.items():
-            context.set_tensor_address(tensor, arrays.pointer(buf))
-        if self.cuda_graph and name == "unet":
-            self._launch_graph(context, binding)
-        elif not context.execute_async_v3(arrays.stream_handle()):
-            raise ModelError(f"TensorRT failed to run the {name} engine; see the TensorRT log")
-        binding.runs += 1
-        return [binding.buffers[t].astype(np.float32) for t in self.specs[name].output_names]
-
-    def _launch_graph(self, context: Any, binding: _Binding) -> None:
-        """Replay the U-Net's captured CUDA graph (4.); capture it on the second call for these shapes."""
-        stream = self.arrays.xp.cuda.get_current_stream()
-        if binding.graph is None and binding.runs >= 1:  # TensorRT must have run once before capture
-            capture = self.arrays.xp.cuda.Stream(non_blocking=True)
-            capture.wait_event(stream.record())
-            capture.begin_capture()
-            context.execute_async_v3(capture.ptr)
-            binding.graph = capture.end_capture()
-            stream.wait_event(capture.record())
-        if binding.graph is not None:
-            binding.graph.launch(stream)
-        elif not context.execute_async_v3(stream.ptr):
-            raise ModelError("TensorRT failed to run the unet engine; see the TensorRT log")
+        with arrays.side_stream() as stream:
+            for tensor, value in inputs.items():
+                arrays.xp.copyto(binding.buffers[tensor], value, casting="unsafe")
+            # Shapes and addresses are set on every call: one context serves batch 1 and batch 2 in turn.
+            for tensor, shape in shapes.items():
+                if not context.set_input_shape(tensor, shape):
+                    raise InputError(f"TensorRT refused shape {shape} for {name}.{tensor}; {REBUILD_HINT}")
+            for tensor, buf in binding.buffers.items():
+                context.set_tensor_address(tensor, arrays.pointer(buf))
+            if self.cuda_graph and name == "unet" and binding.graph is None and binding.runs >= 1:
+                # 4. Capture once TensorRT has run these shapes (it must, before a capture).
+                stream.begin_capture()
+                context.execute_async_v3(arrays.stream_handle(stream))
+                binding.graph = stream.end_capture()
+            if binding.graph is not None:
+                binding.graph.launch(stream)
+            elif not context.execute_async_v3(arrays.stream_handle(stream)):
+                raise ModelError(f"TensorRT failed to run the {name} engine; see the TensorRT log")
+            binding.runs += 1
+            return [binding.buffers[t].astype(np.float32) for t in self.specs[name].output_names]
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -231,8 +216,8 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, cuda_graph: 
         raise ModelError(f"{model_dir} is not a TensorRT engine directory (no engines.json); build one with "
                          f"`composekit-export tensorrt ONNX_EXPORT_DIR ENGINE_DIR`")
     if dtype is not None:
-        raise InputError(f"dtype={dtype!r}: a TensorRT engine's precision is fixed when it is built "
-                         "(`composekit-export tensorrt --fp32` for float32); pass dtype=None")
+        raise InputError(f"dtype={dtype!r}: a TensorRT engine's precision is fixed when it is built, "
+                         "from the ONNX export's precision (`composekit-export onnx --fp16` for float16); pass dtype=None")
     if not isinstance(cuda_graph, bool):
         raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     trt, arrays, gpu = _runtime_environment(device)
