@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory, ONNX export or Hub repo id; without it the weights-free classic method runs")
     p.add_argument("--method", choices=["generative", "classic"], default=None,
                    help="default: generative with --model, classic without")
-    p.add_argument("--backend", default="torch", help="backend: torch or auto (default: torch)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: by what --model holds), torch, onnxruntime or tensorrt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 for every background")
     b.add_argument("--boxes", help="JSON file: {file name: box or [box, ...]}")
     b.add_argument("--model", default=None, help="model directory, ONNX export or Hub repo id (default: classic)")
-    b.add_argument("--backend", default="torch")
+    b.add_argument("--backend", default="auto")
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None)
     b.add_argument("--steps", type=int, default=50)

@@ -121,7 +121,7 @@ class Compositor:
         cls,
         source: str | os.PathLike,
         *,
-        backend: str = "torch",
+        backend: str = "auto",
         device: Any = None,
         dtype: Any = None,
         revision: str | None = None,
@@ -133,8 +133,9 @@ class Compositor:
         Args:
             source: a directory in diffusers' Paint-by-Example layout, or a Hub repo id such as
                 ``"Fantasy-Studio/Paint-by-Example"`` (downloaded once into the Hugging Face cache).
-            backend: ``"torch"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"auto"`` (by what ``source``
-                holds: engines -> tensorrt, an ONNX export -> onnxruntime, a diffusers model -> torch).
+            backend: ``"auto"`` (default: by what ``source`` holds — engines -> tensorrt, an ONNX export
+                -> onnxruntime, a diffusers model -> torch; the choice is logged), or one of those names,
+                which always wins.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when torch sees a GPU.
                 Asking for a GPU that is not there raises :class:`BackendUnavailableError`.
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.

@@ -205,3 +205,5 @@ def test_io_binding_gives_the_same_result_as_plain_runs(exported, family):
         Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu", io_binding="yes")
     with pytest.raises(InputError, match="fixed size"):  # exported decoders cannot decode a crop
         bound.paste(obj, bg, BOX, steps=1, progress=False, decode="region")
+    # the default backend is "auto": an export directory needs no backend argument
+    assert Compositor.from_pretrained(dst, device="cpu").backend.name == "onnxruntime"
