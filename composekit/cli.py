@@ -65,6 +65,13 @@ def _compositor(args: argparse.Namespace):
                                       local_files_only=args.offline)
 
 
+def _generative_options(args: argparse.Namespace) -> dict:
+    """Options that only the generative method takes (the classic one has no steps to cut or latents to decode)."""
+    if args.model is None:
+        return {}
+    return {"guidance_end": args.guidance_end, "decode": args.decode}
+
+
 def _cmd_paste(args: argparse.Namespace) -> int:
     used: list[bool] = []
     obj, background = _read_input(args.object, used), _read_input(args.background, used)
@@ -77,6 +84,7 @@ def _cmd_paste(args: argparse.Namespace) -> int:
     result = comp.paste(
         obj, background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
         eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet, method=args.method,
+        **_generative_options(args),
     )
     if to_stdout:
         result.image.save(sys.stdout.buffer, format=args.format)
@@ -143,7 +151,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     report = []
     for bg, box, out in tqdm(jobs, desc="composekit batch", disable=args.quiet or args.json):
         result = comp.paste(args.object, bg, box, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            progress=False)
+                            progress=False, **_generative_options(args))
         save_image_atomic(result.image, out)
         report.append({"background": str(bg), "box": list(result.box), "output": str(out), "seed": result.seed,
                        "timings": dict(result.timings)})
@@ -249,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     p.add_argument("--context", type=float, default=2.0, help="context window side / box side (default 2)")
+    p.add_argument("--guidance-end", type=float, default=1.0,
+                   help="fraction of the steps that use guidance; later steps run one U-Net pass (default 1)")
+    p.add_argument("--decode", choices=["window", "region"], default="window",
+                   help="decode the whole context window (default) or only the edited region plus a margin")
     p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
     p.add_argument("--json", action="store_true", help="print box, seed and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -273,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--guidance", type=float, default=5.0)
     b.add_argument("--seed", type=int, default=0, help="seed for every composite (default 0)")
+    b.add_argument("--guidance-end", type=float, default=1.0, help="as for paste")
+    b.add_argument("--decode", choices=["window", "region"], default="window", help="as for paste")
     b.add_argument("--offline", action="store_true")
     b.add_argument("--json", action="store_true", help="print one JSON record per composite, with timings")
     b.add_argument("-q", "--quiet", action="store_true")

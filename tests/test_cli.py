@@ -43,7 +43,8 @@ def test_paste_end_to_end(tiny_model_dir, tmp_path):
     noise_object().save(tmp_path / "obj.png")
     out = tmp_path / "out" / "result.png"
     proc = run("paste", tmp_path / "obj.png", tmp_path / "bg.png", "--box", "10,20,70,80", "-o", out,
-               "--model", tiny_model_dir, "--steps", "2", "--seed", "3", "--device", "cpu", "--json", "-q")
+               "--model", tiny_model_dir, "--steps", "2", "--seed", "3", "--device", "cpu", "--json", "-q",
+               "--guidance-end", "0.5", "--decode", "region")
     info = json.loads(proc.stdout)
     assert info["seed"] == 3 and info["box"] == [10, 20, 70, 80]
     result = np.asarray(Image.open(out))
