@@ -245,6 +245,10 @@ class TorchBackend:
                                                                         dtype=torch.long))
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            # CUDA-graph modes reuse their output buffers: each step's call starts a new "step", and the
+            # sampler consumes eps before the next call.
+            torch.compiler.cudagraph_mark_step_begin()
         return self._unet_call(sample, t, encoder_hidden_states=context).sample
 
     @torch.inference_mode()
