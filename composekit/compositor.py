@@ -149,12 +149,10 @@ class Compositor:
         """
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
         name = choose_backend(backend, root)
-        if is_engine_dir(root):
-            manifest = read_engine_dir(root).manifest  # the backend checks each engine against its sidecar
-            scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
-            backdrop = manifest.cutout_backdrop
-        elif is_export_dir(root):
-            manifest = read_manifest(root, verify=False)  # the backend verifies the files it loads
+        # Engines carry their ONNX export's manifest; the backend checks engines and graphs as it loads them.
+        manifest = (read_engine_dir(root).manifest if is_engine_dir(root)
+                    else read_manifest(root, verify=False) if is_export_dir(root) else None)
+        if manifest is not None:
             scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
             backdrop = manifest.cutout_backdrop
         else:

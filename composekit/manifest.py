@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import ModelError
 from .loading import read_json
-from .specs import COMPONENT_NAMES, ModelDims
+from .specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
 
 __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
 
@@ -63,6 +63,10 @@ class ExportManifest:
     @property
     def dims(self) -> ModelDims:
         return ModelDims.from_dict(self.data["dims"])
+
+    def specs(self) -> dict[str, ComponentSpec]:
+        """The component specs the graphs were exported with (what the runtimes bind and check against)."""
+        return component_specs(self.dims, dynamic_spatial=bool(self.data.get("dynamic_spatial")))
 
     @property
     def precision(self) -> str:

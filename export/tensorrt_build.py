@@ -28,7 +28,7 @@ from composekit.engines import ENGINES, EngineSidecar, gpu_identity, write_sidec
 from composekit.errors import BackendUnavailableError, InputError, ModelError
 from composekit.files import atomic_directory, atomic_file
 from composekit.manifest import read_manifest, sha256_file
-from composekit.specs import COMPONENT_NAMES, ComponentSpec, component_specs
+from composekit.specs import COMPONENT_NAMES, ComponentSpec
 
 __all__ = ["build_engines", "write_engine_dir", "ENGINES"]
 
@@ -50,14 +50,18 @@ def _tensorrt():
 def write_engine_dir(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, compile_engine: Compile, *,
                      tensorrt_version: str, gpu_name: str, compute_capability: str, build_flags: dict[str, Any],
                      overwrite: bool = False) -> dict[str, Any]:
-    """Compile every component of the export in ``onnx_dir`` and write the engine directory atomically."""
+    """Compile every component of the export in ``onnx_dir`` and write the engine directory atomically.
+
+    Each sidecar's build flags also record the export's precision: networks are strongly typed, so it
+    is the engine's precision.
+    """
     from composekit import __version__
 
     manifest = read_manifest(onnx_dir)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
-    specs = component_specs(manifest.dims, dynamic_spatial=bool(manifest.data.get("dynamic_spatial")))
+    specs = manifest.specs()
     engines: dict[str, Any] = {}
     with atomic_directory(out, overwrite) as tmp:
         for name in COMPONENT_NAMES:
@@ -68,7 +72,7 @@ def write_engine_dir(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, co
                 component=name, engine_file=engine_path.name, engine_sha256=sha256_file(engine_path),
                 source_onnx=onnx_path.name, source_onnx_sha256=manifest.component(name)["sha256"],
                 tensorrt_version=tensorrt_version, gpu_name=gpu_name, compute_capability=compute_capability,
-                build_flags=dict(build_flags), composekit_version=__version__,
+                build_flags={"precision": manifest.precision, **build_flags}, composekit_version=__version__,
                 profile={k: [list(s) for s in v] for k, v in spec.trt_profile().items()},
             ))
             engines[name] = {"file": engine_path.name, "sidecar": f"{engine_path.name}.json"}
@@ -91,7 +95,6 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   overwrite: bool = False) -> dict[str, Any]:
     """Build one engine per component with TensorRT (never run by the project; see the module note)."""
     trt = _tensorrt()
-    precision = read_manifest(onnx_dir, verify=False).precision
     gpu_name, capability = gpu_identity()
     out = Path(out_dir)
     log = trt.Logger(trt.Logger.WARNING)
@@ -122,7 +125,7 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     engines = write_engine_dir(
         onnx_dir, out, compile_engine, tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=capability, overwrite=overwrite,
-        build_flags={"precision": precision, "strongly_typed": True, "workspace_gb": workspace_gb,
+        build_flags={"strongly_typed": True, "workspace_gb": workspace_gb,
                      "version_compatible": False, "hardware_compatible": False})
     with atomic_file(cache_path) as f:  # reused by the next build on this GPU
         f.write(bytes(cache.serialize()))

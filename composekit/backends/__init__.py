@@ -13,7 +13,7 @@ from ..engines import is_engine_dir
 from ..manifest import is_export_dir
 from .base import Backend, ModelInfo
 
-__all__ = ["Backend", "ModelInfo", "BACKENDS", "load_backend", "choose_backend"]
+__all__ = ["Backend", "ModelInfo", "BACKENDS", "load_backend", "choose_backend", "detect_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,17 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "onnxruntime": ("composekit.backends.onnxruntime_backend", "load", "composekit[onnx]"),
     "tensorrt": ("composekit.backends.tensorrt_backend", "load", "composekit[trt]"),
 }
+
+
+# What each backend loads, for messages that name the backend a directory needs.
+HOLDS = {"tensorrt": "a TensorRT engine directory", "onnxruntime": "an exported (ONNX) model",
+         "torch": "a diffusers-layout model directory"}
+
+
+def detect_backend(model_dir: Path) -> str:
+    """The backend for what ``model_dir`` holds: engines (``engines.json``), an ONNX export
+    (``manifest.json``) or, otherwise, a diffusers-layout model."""
+    return "tensorrt" if is_engine_dir(model_dir) else "onnxruntime" if is_export_dir(model_dir) else "torch"
 
 
 def choose_backend(requested: str, model_dir: Path) -> str:
@@ -36,7 +47,7 @@ def choose_backend(requested: str, model_dir: Path) -> str:
         if requested not in BACKENDS:
             raise InputError(f"unknown backend {requested!r}; expected 'auto' or one of {sorted(BACKENDS)}")
         return requested
-    choice = "tensorrt" if is_engine_dir(model_dir) else "onnxruntime" if is_export_dir(model_dir) else "torch"
+    choice = detect_backend(model_dir)
     logger.info("backend='auto' chose %r for %s", choice, model_dir)
     return choice
 

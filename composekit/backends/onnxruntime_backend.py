@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..engines import is_engine_dir
 from ..manifest import ExportManifest, is_export_dir, read_manifest
-from ..specs import COMPONENT_NAMES, component_specs
+from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
 from .base import ModelInfo
 
@@ -106,14 +106,14 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, manifest: ExportManifest, providers: list[Any], session_options: Any,
-                 arrays: ArrayModule | None = None) -> None:
-        """``arrays`` set: call graphs through IO binding with buffers of that device."""
+                 arrays: ArrayModule | None = None, io_binding: bool = False) -> None:
+        """``io_binding``: call graphs through IO binding with buffers of ``arrays``' device (host by default)."""
         import onnxruntime as ort
 
         self.manifest = manifest
-        self.arrays = arrays
-        self.specs = component_specs(manifest.dims, dynamic_spatial=bool(manifest.data.get("dynamic_spatial")),
-                                     max_batch=int(manifest.data.get("max_batch", 4)))
+        self.arrays = arrays or ArrayModule("cpu")
+        self.io_binding = io_binding
+        self.specs = manifest.specs()
         self.sessions = {}
         for name in COMPONENT_NAMES:
             path = manifest.path(name)
@@ -128,11 +128,11 @@ class OnnxRuntimeBackend:
         self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(manifest.root))
 
     def describe(self) -> str:
-        binding = f", IO binding on {self.arrays.device_type}" if self.arrays is not None else ""
+        binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""
         return f"{self.providers[0]}, {self.manifest.precision}{binding}"
 
     def _run(self, name: str, **inputs: Any) -> list[Any]:
-        if self.arrays is not None:
+        if self.io_binding:
             return self._run_bound(name, inputs)
         feeds = {k: (v if v.dtype == np.int64 else v.astype(self.float, copy=False)) for k, v in inputs.items()}
         return [o.astype(np.float32, copy=False) for o in self.sessions[name].run(None, feeds)]
@@ -155,23 +155,16 @@ class OnnxRuntimeBackend:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def asarray(self, x: np.ndarray) -> Any:
-        if self.arrays is not None:
-            return self.arrays.from_host(x)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return self.arrays.from_host(x)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        if self.arrays is not None:
-            return self.arrays.to_host(x)
-        return np.asarray(x, dtype=np.float32)
+        return self.arrays.to_host(x)
 
     def cat(self, xs: list[Any], axis: int) -> Any:
-        if self.arrays is not None:
-            return self.arrays.concatenate(xs, axis)
-        return np.concatenate(xs, axis=axis)
+        return self.arrays.concatenate(xs, axis)
 
     def synchronize(self) -> None:
-        if self.arrays is not None:
-            self.arrays.synchronize()
+        self.arrays.synchronize()
 
     # -- the four components ----------------------------------------------------------------------
 
@@ -183,9 +176,7 @@ class OnnxRuntimeBackend:
         return self._run("vae_encoder", image=image)[0]
 
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
-        t = np.full((sample.shape[0],), int(timestep), dtype=np.int64)
-        if self.arrays is not None:
-            t = self.arrays.from_host(t, np.int64)
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), dtype=np.int64), np.int64)
         return self._run("unet", sample=sample, timestep=t, encoder_hidden_states=context)[0]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -238,8 +229,8 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
         io_binding = on_gpu
     if not isinstance(io_binding, bool):
         raise InputError(f"io_binding must be True, False or None, got {io_binding!r}")
-    arrays = None
-    if io_binding:
+    arrays = None  # host buffers
+    if io_binding and on_gpu:
         index = chosen[0][1].get("device_id", 0) if isinstance(chosen[0], (tuple, list)) and len(chosen[0]) > 1 else 0
-        arrays = ArrayModule(f"cuda:{index}" if on_gpu else "cpu")
-    return OnnxRuntimeBackend(manifest, chosen, options, arrays)
+        arrays = ArrayModule(f"cuda:{index}")
+    return OnnxRuntimeBackend(manifest, chosen, options, arrays, io_binding)

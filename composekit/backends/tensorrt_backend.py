@@ -35,7 +35,7 @@ import numpy as np
 
 from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, read_engine_dir
 from ..errors import BackendUnavailableError, InputError, ModelError
-from ..specs import COMPONENT_NAMES, component_specs
+from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
 from .base import ModelInfo
 
@@ -64,7 +64,7 @@ class TensorRTBackend:
         manifest = engine_dir.manifest
         self.trt, self.arrays, self.cuda_graph = trt, arrays, cuda_graph
         self.precision = manifest.precision
-        self.specs = component_specs(manifest.dims, dynamic_spatial=bool(manifest.data.get("dynamic_spatial")))
+        self.specs = manifest.specs()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict[str, Any] = {}
         self.dtypes: dict[str, dict[str, np.dtype]] = {}

@@ -17,8 +17,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..loading import ModelFiles, read_model_dir
-from ..engines import is_engine_dir
-from ..manifest import is_export_dir
+from . import HOLDS, detect_backend
 from .base import ModelInfo
 
 __all__ = ["TorchBackend", "load"]
@@ -264,10 +263,9 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_las
     ``compile``: ``torch.compile`` the U-Net (True, or a mode such as ``"reduce-overhead"``, which
     replays CUDA graphs, or ``"max-autotune"``); the first call compiles (minutes for a full model).
     """
-    if is_export_dir(Path(model_dir)) or is_engine_dir(Path(model_dir)):
-        kind, name = ("a TensorRT engine directory", "tensorrt") if is_engine_dir(Path(model_dir)) else (
-            "an exported (ONNX) model", "onnxruntime")
-        raise ModelError(f"{model_dir} is {kind}; load it with backend={name!r} (or 'auto')")
+    held = detect_backend(Path(model_dir))
+    if held != "torch":
+        raise ModelError(f"{model_dir} is {HOLDS[held]}; load it with backend={held!r} (or 'auto')")
     files = read_model_dir(Path(model_dir))
     dev = _device(device)
     dt = _dtype(dtype, dev)
