@@ -65,26 +65,60 @@ def _compositor(args: argparse.Namespace):
                                       local_files_only=args.offline)
 
 
-def _generative_options(args: argparse.Namespace) -> dict:
-    """Options that only the generative method takes (the classic one has no steps to cut or latents to decode)."""
-    if args.model is None:
-        return {}
-    return {"guidance_end": args.guidance_end, "decode": args.decode}
+def _method_options(args: argparse.Namespace):
+    """The validated option type of the method that runs: GenerativeOptions with --model, else ClassicOptions.
+
+    Options that belong to the other method are refused when they were given explicitly (they would do
+    nothing), so a flag is never ignored silently.
+    """
+    from .options import ClassicOptions, GenerativeOptions
+
+    generative = args.model is not None and getattr(args, "method", None) != "classic"
+    if generative:
+        for flag, value in (("--harmonize", args.harmonize), ("--shadow", args.shadow)):
+            if value is not None:
+                raise InputError(f"{flag} applies to the classic method only (no --model, or --method classic)")
+        return GenerativeOptions(
+            steps=args.steps, guidance=args.guidance, eta=getattr(args, "eta", 0.0), guidance_end=args.guidance_end,
+            decode=args.decode, context=getattr(args, "context", 2.0), feather=args.feather,
+            fidelity=args.fidelity, progress=not args.quiet and not getattr(args, "batch_bar", False))
+    generative_flags = {"--steps": args.steps != 50, "--guidance": args.guidance != 5.0,
+                        "--guidance-end": args.guidance_end != 1.0, "--decode": args.decode != "window",
+                        "--fidelity": args.fidelity != 0.0, "--device": args.device is not None,
+                        "--dtype": args.dtype is not None, "--backend": args.backend != "auto"}
+    given = [flag for flag, changed in generative_flags.items() if changed]
+    if given:
+        raise InputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the generative method, "
+                         "which needs --model (a model directory, ONNX export or Hub repo id)")
+    return ClassicOptions(harmonize=0.5 if args.harmonize is None else args.harmonize,
+                          shadow=0.35 if args.shadow is None else args.shadow, feather=args.feather)
 
 
 def _cmd_paste(args: argparse.Namespace) -> int:
     used: list[bool] = []
-    obj, background = _read_input(args.object, used), _read_input(args.background, used)
+    objects = [_read_input(o, used) for o in args.object]
+    background = _read_input(args.background, used)
     to_stdout = args.output == "-"
     say = sys.stderr if to_stdout else sys.stdout
 
     if args.model is None and args.method == "generative":
         raise InputError("--method generative needs --model (a model directory or Hub repo id)")
+    options = _method_options(args)
+    boxes, masks = args.box or [None], args.mask or [None]
+    several = len(objects) > 1
+    if several:
+        boxes = boxes if args.box else [None] * len(objects)
+        masks = masks if args.mask else [None] * len(objects)
+        if len(boxes) != len(objects) or len(masks) != len(objects):
+            raise InputError(f"{len(objects)} objects need {len(objects)} --box (or --mask) options, one each, "
+                             f"in the same order; got {len(args.box or [])} --box and {len(args.mask or [])} --mask")
+    elif len(boxes) > 1 or len(masks) > 1:
+        raise InputError("several --box or --mask options need as many OBJECT files, one per box")
     comp = _compositor(args)
     result = comp.paste(
-        obj, background, args.box, mask=args.mask, steps=args.steps, guidance=args.guidance,
-        eta=args.eta, seed=args.seed, context=args.context, progress=not args.quiet, method=args.method,
-        **_generative_options(args),
+        objects if several else objects[0], background, boxes if several else boxes[0],
+        mask=masks if several else masks[0], seed=args.seed, region=args.region, margin=args.margin,
+        options=options,
     )
     if to_stdout:
         result.image.save(sys.stdout.buffer, format=args.format)
@@ -92,10 +126,16 @@ def _cmd_paste(args: argparse.Namespace) -> int:
     else:
         save_image_atomic(result.image, args.output)
     if args.json:
-        print(json.dumps({"output": str(args.output), "box": result.box, "seed": result.seed,
-                          "steps": result.steps, "timings": dict(result.timings)}, indent=2), file=say)
+        info = {"output": str(args.output), "method": result.method, "box": result.box,
+                "timings": dict(result.timings)}
+        if result.method == "generative":
+            info.update(seed=result.seed, steps=result.steps)
+        if several:
+            info.update(boxes=[list(b) for b in result.boxes], seeds=list(result.seeds) if result.method ==
+                        "generative" else None)
+        print(json.dumps(info, indent=2), file=say)
     elif not args.quiet:
-        print(f"wrote {args.output} ({'classic' if result.steps == 0 else f'seed {result.seed}'}, "
+        print(f"wrote {args.output} ({'classic' if result.method == 'classic' else f'seed {result.seed}'}, "
               f"{result.timings['total']:.2f} s)", file=say)
         if args.model is None:
             print("classic method (no model). For generative compositing add --model Fantasy-Studio/Paint-by-Example",
@@ -146,20 +186,38 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     if (args.box is None) == (args.boxes is None):
         raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
+    args.batch_bar = True
+    options = _method_options(args)
     jobs = _batch_jobs(args)
     comp = _compositor(args)
-    report = []
+    report, failed, skipped = [], 0, 0
     for bg, box, out in tqdm(jobs, desc="composekit batch", disable=args.quiet or args.json):
-        result = comp.paste(args.object, bg, box, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            progress=False, **_generative_options(args))
-        save_image_atomic(result.image, out)
-        report.append({"background": str(bg), "box": list(result.box), "output": str(out), "seed": result.seed,
-                       "timings": dict(result.timings)})
+        record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
+        if out.exists() and not args.overwrite:
+            record["status"] = "skipped (output exists; --overwrite to redo)"
+            skipped += 1
+            report.append(record)
+            continue
+        try:
+            result = comp.paste(args.object, bg, box, seed=args.seed, region=args.region, margin=args.margin,
+                                options=options)
+            save_image_atomic(result.image, out)
+        except (InputError, OSError) as exc:  # one bad file does not stop the batch; model errors do
+            record.update(status="failed", error=str(exc) if isinstance(exc, InputError) else f"{out}: {exc}")
+            failed += 1
+            if not args.json:
+                print(f"composekit: {bg}: {record['error']}", file=sys.stderr)
+        else:
+            record.update(status="ok", seed=result.seed if result.method == "generative" else None,
+                          timings=dict(result.timings))
+        report.append(record)
+    done = len(report) - failed - skipped
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
-        print(f"wrote {len(report)} composites to {args.output}")
-    return EXIT_OK
+        extra = (f", {skipped} skipped (outputs exist)" if skipped else "") + (f", {failed} FAILED" if failed else "")
+        print(f"wrote {done} composite(s) to {args.output}{extra}")
+    return EXIT_INPUT if failed else EXIT_OK
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -215,6 +273,17 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --backend, --device, --dtype, --offline: how the model is loaded (paste and batch)."""
+    p.add_argument("--model", default=None,
+                   help="model directory, ONNX export or Hub repo id; without it the weights-free classic method runs")
+    p.add_argument("--backend", default="auto",
+                   help="auto (default: by what --model holds), torch, onnxruntime or tensorrt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
+    p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="composekit",
@@ -234,24 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what composekit does (to stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("paste", help="composite an object into a background",
-                       description="Composite OBJECT into BACKGROUND inside --box (or --mask).")
-    p.add_argument("object", help="object image file, or - for standard input (an alpha channel marks a cut-out)")
-    p.add_argument("background", help="background image file, or - for standard input")
-    p.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 in background pixels (X1, Y1 exclusive)")
-    p.add_argument("--mask", help="mask image file, background-sized; white = editable")
+    p = sub.add_parser("paste", help="composite an object (or several) into a background",
+                       description="Composite OBJECT into BACKGROUND inside --box (or --mask). Several OBJECT "
+                       "files take one --box (or --mask) each, in order; later objects see the earlier ones.")
+    p.add_argument("object", nargs="+", metavar="OBJECT",
+                   help="object image file(s), or - for standard input (an alpha channel marks a cut-out)")
+    p.add_argument("background", metavar="BACKGROUND", help="background image file, or - for standard input")
+    p.add_argument("--box", type=_parse_box, action="append",
+                   help="X0,Y0,X1,Y1 in background pixels (X1, Y1 exclusive); repeat once per object")
+    p.add_argument("--mask", action="append", help="mask image file, background-sized; white = editable; "
+                   "repeat once per object")
     p.add_argument("-o", "--output", required=True,
                    help="output image file (.png, .jpg, .webp, ...), or - for standard output")
     p.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "WEBP", "BMP", "TIFF"],
                    help="image format when writing to standard output (default PNG)")
-    p.add_argument("--model", default=None,
-                   help="model directory, ONNX export or Hub repo id; without it the weights-free classic method runs")
+    _model_arguments(p)
     p.add_argument("--method", choices=["generative", "classic"], default=None,
                    help="default: generative with --model, classic without")
-    p.add_argument("--backend", default="auto",
-                   help="auto (default: by what --model holds), torch, onnxruntime or tensorrt")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
@@ -261,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the steps that use guidance; later steps run one U-Net pass (default 1)")
     p.add_argument("--decode", choices=["window", "region"], default="window",
                    help="decode the whole context window (default) or only the edited region plus a margin")
-    p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--fidelity", type=float, default=0.0,
+                   help="0..1: how much of the object's own appearance to keep (masked ILVR; default 0 = off)")
+    p.add_argument("--region", choices=["box", "silhouette"], default="box",
+                   help="editable region: the whole box (default) or a cut-out's silhouette grown by --margin")
+    p.add_argument("--margin", type=int, default=None, help="silhouette growth in pixels (default 1/8 of the box)")
+    p.add_argument("--feather", type=int, default=None, help="soft-edge width in pixels inside the region")
+    p.add_argument("--harmonize", type=float, default=None, help="classic method: colour transfer 0..1 (default 0.5)")
+    p.add_argument("--shadow", type=float, default=None, help="classic method: contact shadow 0..1 (default 0.35)")
     p.add_argument("--json", action="store_true", help="print box, seed and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_paste)
@@ -278,16 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, help="folder for the composites")
     b.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 for every background")
     b.add_argument("--boxes", help="JSON file: {file name: box or [box, ...]}")
-    b.add_argument("--model", default=None, help="model directory, ONNX export or Hub repo id (default: classic)")
-    b.add_argument("--backend", default="auto")
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None)
+    _model_arguments(b)
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--guidance", type=float, default=5.0)
     b.add_argument("--seed", type=int, default=0, help="seed for every composite (default 0)")
     b.add_argument("--guidance-end", type=float, default=1.0, help="as for paste")
     b.add_argument("--decode", choices=["window", "region"], default="window", help="as for paste")
-    b.add_argument("--offline", action="store_true")
+    b.add_argument("--fidelity", type=float, default=0.0, help="as for paste")
+    b.add_argument("--region", choices=["box", "silhouette"], default="box", help="as for paste")
+    b.add_argument("--margin", type=int, default=None, help="as for paste")
+    b.add_argument("--feather", type=int, default=None, help="as for paste")
+    b.add_argument("--harmonize", type=float, default=None, help="as for paste (classic method)")
+    b.add_argument("--shadow", type=float, default=None, help="as for paste (classic method)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="composite again where an output file exists (default: skip it, so a re-run resumes)")
     b.add_argument("--json", action="store_true", help="print one JSON record per composite, with timings")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=_cmd_batch)
@@ -328,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
-    if args.command == "paste" and args.box is None and args.mask is None:
+    if args.command == "paste" and not args.box and not args.mask and getattr(args, "region", "box") == "box":
         parser.error("paste needs --box or --mask")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

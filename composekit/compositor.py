@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
 from .engines import is_engine_dir, read_engine_dir
 from .manifest import is_export_dir, read_manifest
+from .options import MAX_FEATHER, ClassicOptions, GenerativeOptions, field_names
 from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
 from .sampler import SamplerOptions, sample
 from .scheduler import DDIMScheduler
@@ -41,11 +43,16 @@ class CompositeResult:
             paths and bytes give PIL) and mode (RGB, RGBA with the background's alpha, or L).
         mask: ``HxW`` bool array, True where pixels may differ from the background (the editable
             region). Everything else is bit-identical to the background.
-        box: the region's bounding box ``(x0, y0, x1, y1)`` in background pixels.
+        box: the region's bounding box ``(x0, y0, x1, y1)`` in background pixels (with several
+            objects, the box around all of them).
         seed: the seed the noise was drawn from (drawn at random when the call gave none).
-        steps, guidance: the sampler settings used.
+        steps, guidance: the sampler settings used (0 for the classic method).
         timings: seconds per stage (``encode_object``, ``encode_image``, ``denoise``, ``decode``,
-            ``prepare``, ``paste``, ``total``).
+            ``prepare``, ``paste``, ``total``; ``classic``, ``total`` for the classic method), summed
+            over the objects.
+        method: ``"generative"`` or ``"classic"``.
+        seeds: each object's seed (the first is ``seed``).
+        boxes: each object's region box.
     """
 
     image: Any
@@ -55,6 +62,9 @@ class CompositeResult:
     steps: int
     guidance: float
     timings: Mapping[str, float] = field(default_factory=dict)
+    method: str = "generative"
+    seeds: tuple[int, ...] = ()
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def _seed(seed: Any) -> int:
@@ -189,12 +199,21 @@ class Compositor:
         shadow: float = 0.35,
         guidance_end: float = 1.0,
         decode: str = "window",
+        fidelity: float = 0.0,
+        fidelity_factor: int | None = None,
+        fidelity_steps: float | None = None,
+        region: str = "box",
+        margin: int | None = None,
+        options: GenerativeOptions | ClassicOptions | None = None,
     ) -> CompositeResult:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
         Args:
             obj: The object (PIL image, ``HxWx3``/``HxWx4`` array, path or bytes). An alpha channel
-                marks a cut-out (see ``composekit.preprocess``).
+                marks a cut-out (see ``composekit.preprocess``). A list of objects pastes them one
+                after another (then ``box``/``mask`` are lists of the same length): each sees the
+                earlier ones in its context window, and later objects cover earlier ones where their
+                regions overlap.
             background: The scene, any size, same kinds as ``obj``.
             box: ``(x0, y0, x1, y1)`` in background pixels, ``x1``/``y1`` exclusive.
             mask: Alternatively (or inside ``box``), an image or array the background's size whose
@@ -202,10 +221,12 @@ class Compositor:
             steps: DDIM steps.
             guidance: Classifier-free guidance scale (<= 1 disables it).
             eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
-            seed: Seed of all noise (drawn on the CPU); None draws one (reported in the result).
-            latents: Initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``.
+            seed: Seed of all noise (drawn on the CPU); None draws one (reported in the result). With
+                several objects, object ``i > 0`` uses a seed derived from it (``result.seeds``).
+            latents: Initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``
+                (one object only).
             context: Side of the square context window the model sees, in multiples of the box's
-                longer side (>= 1).
+                longer side (1..64).
             feather: Width in pixels of the soft edge inside the region; None = 1/16 of the box's
                 shorter side (2 for the classic method); 0 = hard edge.
             progress: Show a tqdm progress bar.
@@ -219,11 +240,23 @@ class Compositor:
                 every step, as the reference pipeline does.
             decode: ``"window"`` (default) decodes the whole context window, as the reference pipeline
                 does; ``"region"`` decodes only the editable region's latent cells plus a 64-pixel
-                margin (what is pasted back), which is cheaper when the region is small. The VAE
-                decoder's attention sees the whole latent, so the result differs slightly (measured
-                in docs/benchmarks.md). Needs a backend whose decoder takes any size (``torch``).
+                margin (what is pasted back), which is cheaper when the region is small. Needs a
+                backend whose decoder takes any size (``torch``).
+            fidelity: 0..1, how much of the object's own appearance the region keeps (masked ILVR
+                towards the naive paste; see the concepts page of the docs). 0 (default) = off, the
+                plain sampler bit for bit; 1 = the naive paste itself.
+            fidelity_factor: Expert override of the low-pass factor ``N`` (latent cells) that
+                ``fidelity`` maps to.
+            fidelity_steps: Expert override of the fraction of steps that ``fidelity`` maps to.
+            region: ``"box"`` (default: the whole box, or the mask, is editable) or ``"silhouette"``:
+                for a cut-out (RGBA) object, only its alpha placed in the box and grown by ``margin``
+                pixels is editable, so less background is regenerated.
+            margin: Silhouette growth in pixels; None = 1/8 of the box's shorter side (at least 2).
             harmonize: Classic method: colour-transfer strength, 0..1.
             shadow: Classic method: contact-shadow darkness, 0..1.
+            options: A :class:`~composekit.options.GenerativeOptions` or
+                :class:`~composekit.options.ClassicOptions` instead of the keyword options above
+                (not both).
 
         Returns:
             A `CompositeResult`; pixels outside ``result.mask`` equal the background's exactly.
@@ -233,83 +266,143 @@ class Compositor:
             NumericalError: NaN or inf appeared while sampling or decoding.
         """
         start = time.perf_counter()
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
-            raise InputError(f"steps must be an integer in [1, 1000], got {steps!r}")
-        for name, value in (("guidance", guidance), ("eta", eta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-        if eta < 0:
-            raise InputError(f"eta must be >= 0, got {eta!r}")
-        if feather is not None and (isinstance(feather, bool) or not isinstance(feather, int) or feather < 0):
-            raise InputError(f"feather must be a non-negative integer or None, got {feather!r}")
+        given = dict(steps=steps, guidance=guidance, eta=eta, context=context, feather=feather, progress=progress,
+                     harmonize=harmonize, shadow=shadow, guidance_end=guidance_end, decode=decode, fidelity=fidelity,
+                     fidelity_factor=fidelity_factor, fidelity_steps=fidelity_steps)
+        method, opts = self._options(method, options, given)
         seed = _seed(seed)
+        _choice_check("region", region, ("box", "silhouette"))
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
+                                   or not 0 <= margin <= MAX_FEATHER):
+            raise InputError(f"margin must be an integer in 0..{MAX_FEATHER} (pixels) or None, got {margin!r}")
+
+        bg = load_picture(background, "background")
+        objects, boxes, masks = _jobs(obj, box, mask)
+        if latents is not None and len(objects) > 1:
+            raise InputError("latents= sets one object's initial noise; with several objects pass seed= instead")
+        pictures = []
+        for i, item in enumerate(objects):
+            ob = load_picture(item, "object" if len(objects) == 1 else f"object {i}")
+            require_visible(ob.alpha)
+            pictures.append(ob)
+        seeds = [seed] + [_derived_seed(seed, i) for i in range(1, len(objects))]
+        regions = []
+        for i, (ob, b, m) in enumerate(zip(pictures, boxes, masks)):
+            region_box, region_mask = _region(m, b, bg.width, bg.height)
+            if region == "silhouette":
+                if m is not None:
+                    raise InputError("region='silhouette' makes the region from the object's alpha; drop mask= "
+                                     "(or use region='box' with your mask)")
+                grow = geometry.default_margin(region_box) if margin is None else int(margin)
+                region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
+            regions.append((region_box, region_mask))
+
+        rgb = bg.rgb
+        full_mask = np.zeros((bg.height, bg.width), bool)
+        timings: dict[str, float] = {}
+        for ob, (region_box, region_mask), object_seed in zip(pictures, regions, seeds):
+            if method == "classic":
+                rgb, changed, stage = self._classic(rgb, ob, region_box, region_mask, opts)
+            else:
+                rgb, changed, stage = self._generate(rgb, ob, region_box, region_mask, object_seed, opts, latents,
+                                                     callback)
+            x0, y0, x1, y1 = region_box
+            full_mask[y0:y1, x0:x1] |= changed
+            for key, value in stage.items():
+                timings[key] = timings.get(key, 0.0) + value
+        timings["total"] = time.perf_counter() - start
+        all_boxes = tuple(r[0] for r in regions)
+        union = (min(b[0] for b in all_boxes), min(b[1] for b in all_boxes), max(b[2] for b in all_boxes),
+                 max(b[3] for b in all_boxes))
+        generative = method == "generative"
+        return CompositeResult(
+            image=to_caller_kind(rgb, bg),
+            mask=full_mask,
+            box=union,
+            seed=seed,
+            steps=opts.steps if generative else 0,
+            guidance=opts.guidance if generative else 0.0,
+            timings=MappingProxyType(timings),
+            method=method,
+            seeds=tuple(seeds),
+            boxes=all_boxes,
+        )
+
+    def _options(self, method: str | None, options: Any, given: dict[str, Any]) -> tuple[str, Any]:
+        """The method and its validated options, from ``options=`` or from the keyword arguments."""
+        if options is not None:
+            if not isinstance(options, (GenerativeOptions, ClassicOptions)):
+                raise InputError(f"options must be a GenerativeOptions or ClassicOptions, got {type(options).__name__}")
+            changed = sorted(k for k, v in given.items() if v != _PASTE_DEFAULTS[k])
+            if changed:
+                raise InputError(f"pass either options= or keyword options, not both (got options= and {changed})")
+            implied = "classic" if isinstance(options, ClassicOptions) else "generative"
+            if method is not None and method != implied:
+                raise InputError(f"method={method!r} does not match options of type {type(options).__name__}")
+            method = implied
         method = method or ("generative" if self.backend is not None else "classic")
-        if method not in ("generative", "classic"):
-            raise InputError(f"method must be 'generative' or 'classic', got {method!r}")
+        _choice_check("method", method, ("generative", "classic"))
         if method == "generative" and self.backend is None:
             raise InputError(
                 "this Compositor has no model, so only method='classic' is available; load one with "
                 "Compositor.from_pretrained('Fantasy-Studio/Paint-by-Example') for generative compositing"
             )
-        if decode not in ("window", "region"):
-            raise InputError(f"decode must be 'window' or 'region', got {decode!r}")
-        if decode == "region" and self.backend is not None and not self.backend.info.any_size_decode:
-            raise InputError(f"decode='region' needs a decoder that takes any latent size; the {self.backend.name} "
-                             "backend's exported decoder has a fixed size. Use decode='window' or backend='torch'")
-        for name, value in (("harmonize", harmonize), ("shadow", shadow), ("guidance_end", guidance_end)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise InputError(f"{name} must be a number in 0..1, got {value!r}")
+        if options is None:
+            cls = GenerativeOptions if method == "generative" else ClassicOptions
+            # Every keyword is checked, also those the chosen method does not use (a typo is never silent).
+            GenerativeOptions(**{k: v for k, v in given.items() if k in _GENERATIVE_FIELDS})
+            ClassicOptions(**{k: v for k, v in given.items() if k in _CLASSIC_FIELDS})
+            options = cls(**{k: v for k, v in given.items() if k in field_names(cls)})
+        if method == "generative":
+            if options.decode == "region" and not self.backend.info.any_size_decode:
+                raise InputError(f"decode='region' needs a decoder that takes any latent size; the "
+                                 f"{self.backend.name} backend's exported decoder has a fixed size. Use "
+                                 "decode='window' or backend='torch'")
+            limit = self.scheduler.max_steps()
+            if options.steps > limit:
+                raise InputError(f"steps={options.steps} is more than this model's schedule allows ({limit}); "
+                                 f"use at most {limit}")
+        return method, options
 
-        bg = load_picture(background, "background")
-        ob = load_picture(obj, "object")
-        require_visible(ob.alpha)
-        region_box, region_mask = _region(mask, box, bg.width, bg.height)
-        if method == "classic":
-            return self._classic(bg, ob, region_box, region_mask, seed, start, feather, harmonize, shadow)
+    def _generate(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
+                  seed: int, opts: GenerativeOptions, latents: Any, callback: Any
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
+        start = time.perf_counter()
         info = self.backend.info
-
+        height, width = rgb.shape[:2]
         # Geometry: context window, model-space hole, object tensor.
-        window = geometry.plan_window(region_box, bg.width, bg.height, info.model_size, context)
-        window_pixels = geometry.crop_window(bg.rgb, window)
+        window = geometry.plan_window(region_box, width, height, info.model_size, opts.context)
+        window_pixels = geometry.crop_window(rgb, window)
         hole = geometry.model_hole(region_box, window, info.vae_scale_factor, region_mask)
         object_pixels = self.preprocessor(flatten_cutout(ob.rgb, ob.alpha, self.backdrop))
+        guide = None
+        if opts.ilvr is not None:
+            # The naive paste y (the object placed in the box as the classic method places it, no colour
+            # transfer, no shadow, hard edge), seen through the same window: fidelity control's target.
+            from .classic import classic_composite
+
+            naive, _ = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask, harmonize=0.0, shadow=0.0,
+                                         feather=0)
+            guide = geometry.crop_window(naive, window)
         prepared = time.perf_counter()
-
         out = sample(
-            self.backend,
-            self.scheduler,
-            window_pixels,
-            hole,
-            object_pixels,
-            SamplerOptions(steps=int(steps), guidance=float(guidance), eta=float(eta), seed=seed,
-                           guidance_end=float(guidance_end), decode=decode, progress=progress,
-                           callback=callback),
-            latents=latents,
-            encode_object=self._object_context,
+            self.backend, self.scheduler, window_pixels, hole, object_pixels,
+            SamplerOptions(steps=opts.steps, guidance=opts.guidance, eta=opts.eta, seed=seed,
+                           guidance_end=opts.guidance_end, decode=opts.decode, progress=opts.progress,
+                           callback=callback, ilvr=opts.ilvr),
+            latents=latents, encode_object=self._object_context, guide_window=guide,
         )
-
         # Paste back only the editable region, with the soft edge inside it.
         pasted = time.perf_counter()
         x0, y0, x1, y1 = region_box
         region = region_mask if region_mask is not None else np.ones((y1 - y0, x1 - x0), bool)
-        radius = geometry.default_feather(region_box) if feather is None else feather
+        radius = geometry.default_feather(region_box) if opts.feather is None else opts.feather
         alpha = geometry.feather_alpha(region, radius)
-        composite = geometry.paste_back(bg.rgb, out.image, window, region_box, alpha)
-        full_mask = np.zeros((bg.height, bg.width), bool)
-        full_mask[y0:y1, x0:x1] = alpha > 0
-        end = time.perf_counter()
-
+        composite = geometry.paste_back(rgb, out.image, window, region_box, alpha)
         timings = dict(out.timings)
-        timings.update(prepare=prepared - start, paste=end - pasted, total=end - start)
-        return CompositeResult(
-            image=to_caller_kind(composite, bg),
-            mask=full_mask,
-            box=region_box,
-            seed=seed,
-            steps=int(steps),
-            guidance=float(guidance),
-            timings=MappingProxyType(timings),
-        )
+        timings.update(prepare=prepared - start, paste=time.perf_counter() - pasted)
+        return composite, alpha > 0, timings
 
     def _object_context(self, pixels: np.ndarray) -> tuple[Any, Any]:
         """The object's (cond, uncond) context, cached for the last few objects (same pixels, same result).
@@ -330,16 +423,56 @@ class Compositor:
                 self._context_cache.popitem(last=False)
         return context
 
-    def _classic(self, bg, ob, region_box, region_mask, seed: int, start: float, feather: int | None,
-                 harmonize: float, shadow: float) -> CompositeResult:
+    def _classic(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
+                 opts: ClassicOptions) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One object, the weights-free way: (new background pixels, changed pixels of the box, timings)."""
         from .classic import classic_composite
 
-        x0, y0, x1, y1 = region_box
-        radius = 2 if feather is None else feather
-        composite, changed = classic_composite(bg.rgb, ob.rgb, ob.alpha, region_box, region_mask,
-                                               harmonize=harmonize, shadow=shadow, feather=radius)
-        full_mask = np.zeros((bg.height, bg.width), bool)
-        full_mask[y0:y1, x0:x1] = changed
-        total = time.perf_counter() - start
-        return CompositeResult(image=to_caller_kind(composite, bg), mask=full_mask, box=region_box, seed=seed,
-                               steps=0, guidance=0.0, timings=MappingProxyType({"classic": total, "total": total}))
+        start = time.perf_counter()
+        radius = 2 if opts.feather is None else opts.feather
+        composite, changed = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask,
+                                               harmonize=opts.harmonize, shadow=opts.shadow, feather=radius)
+        return composite, changed, {"classic": time.perf_counter() - start}
+
+
+def _choice_check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _derived_seed(seed: int, index: int) -> int:
+    """The seed of object ``index`` (> 0) of a several-object call: a 63-bit hash of (seed, index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, (tuple, list, np.ndarray)) and len(value) == 4 and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in value)
+
+
+def _jobs(obj: Any, box: Any, mask: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """(objects, boxes, masks), one entry per object: one object, or a list of them with lists of regions."""
+    if not isinstance(obj, (list, tuple)):
+        return [obj], [box], [mask]
+    n = len(obj)
+    if n == 0:
+        raise InputError("the list of objects is empty; pass at least one object")
+    if n > MAX_OBJECTS:
+        raise InputError(f"{n} objects in one call; at most {MAX_OBJECTS} (split the call)")
+
+    def per_object(value: Any, name: str) -> list[Any]:
+        if value is None:
+            return [None] * n
+        if not isinstance(value, (list, tuple)) or (name == "box" and _is_box(value)):
+            raise InputError(f"with {n} objects, {name} must be a list of {n} {name}es (None where unused), "
+                             f"got {type(value).__name__}")
+        if len(value) != n:
+            raise InputError(f"{len(value)} {name}(es) for {n} objects; give one per object")
+        return list(value)
+
+    return list(obj), per_object(box, "box"), per_object(mask, "mask")
+
+
+MAX_OBJECTS = 64
+_PASTE_DEFAULTS = {name: p.default for name, p in inspect.signature(Compositor.paste).parameters.items()}
+_GENERATIVE_FIELDS, _CLASSIC_FIELDS = field_names(GenerativeOptions), field_names(ClassicOptions)

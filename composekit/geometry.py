@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,9 @@ __all__ = [
     "model_hole",
     "feather_alpha",
     "paste_back",
+    "box_blur",
+    "dilate",
+    "silhouette_region",
 ]
 
 Box = tuple[int, int, int, int]
@@ -57,7 +60,13 @@ def validate_box(box, width: int, height: int) -> Box:
     for v in values:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (Real, np.integer, np.floating)):
             raise InputError(f"box values must be numbers, got {v!r} ({type(v).__name__}) in {box!r}")
-        f = float(v)
+        if isinstance(v, (Integral, np.integer)):
+            out.append(int(v))  # exact, whatever its size (compared with the background below)
+            continue
+        try:
+            f = float(v)
+        except (OverflowError, ValueError):
+            raise InputError(f"box value {v!r} is out of range; expected pixel coordinates") from None
         if not math.isfinite(f):
             raise InputError(f"box values must be finite, got {box!r}")
         if f != int(f):
@@ -73,10 +82,17 @@ def validate_box(box, width: int, height: int) -> Box:
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise InputError(
             f"box {tuple(out)} lies outside the {width}x{height} background: expected 0 <= x0 < x1 <= {width} "
-            f"and 0 <= y0 < y1 <= {height}; clip it, e.g. ({max(x0, 0)}, {max(y0, 0)}, {min(x1, width)}, "
-            f"{min(y1, height)})"
+            f"and 0 <= y0 < y1 <= {height}{_clip_hint(out, width, height)}"
         )
     return x0, y0, x1, y1
+
+
+def _clip_hint(box: list[int], width: int, height: int) -> str:
+    """"; clip it, e.g. (...)" when clipping leaves a non-empty box, else advice to move it."""
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    if x0 < x1 and y0 < y1:
+        return f"; clip it, e.g. ({x0}, {y0}, {x1}, {y1})"
+    return "; the box does not overlap the background at all: move it inside"
 
 
 def mask_to_box(mask: np.ndarray) -> Box:
@@ -186,7 +202,7 @@ def model_hole(
     return np.kron(hole.astype(np.float32), np.ones((grid, grid), np.float32))
 
 
-def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
+def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
     """Mean over a ``(2r+1)^2`` square, zero outside the array (separable, via cumulative sums)."""
     k = 2 * radius + 1
     p = np.pad(a.astype(np.float64), radius)
@@ -198,6 +214,40 @@ def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
     return p
 
 
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` grown by ``radius`` pixels in every direction (a square structuring element)."""
+    mask = mask.astype(bool)
+    if radius <= 0:
+        return mask.copy()
+    k = 2 * radius + 1
+    return box_blur(mask.astype(np.float32), radius) > 0.5 / (k * k)
+
+
+def silhouette_region(alpha: np.ndarray | None, box: Box, margin: int) -> np.ndarray | None:
+    """The editable region for ``region="silhouette"``: the object's alpha placed in the box, dilated.
+
+    The object's visible pixels (alpha > 0), tightened to their bounding box, are resized to fill the
+    box (as the model fills the hole), then grown by ``margin`` pixels and clipped to the box. Returns a
+    box-shaped bool mask, or None (the whole box) for an object without alpha or a fully opaque one.
+    """
+    if alpha is None or bool((alpha == 255).all()):
+        return None
+    x0, y0, x1, y1 = box
+    ys, xs = np.nonzero(alpha > 0)
+    tight = alpha[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    placed = np.asarray(Image.fromarray(tight).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)) > 0
+    region = dilate(placed, margin)
+    if not region.any():  # a sliver that vanished in the resize: keep the box rather than nothing
+        return None
+    return region
+
+
+def default_margin(box: Box) -> int:
+    """Silhouette margin used when the caller gives none: 1/8 of the box's shorter side, at least 2 px."""
+    x0, y0, x1, y1 = box
+    return max(2, int(round(min(x1 - x0, y1 - y0) / 8)))
+
+
 def feather_alpha(region: np.ndarray, radius: int) -> np.ndarray:
     """Blend weight in ``[0, 1]`` that is 0 outside ``region`` and ramps to 1 inside it.
 
@@ -207,7 +257,7 @@ def feather_alpha(region: np.ndarray, radius: int) -> np.ndarray:
     region = region.astype(bool)
     if radius <= 0:
         return region.astype(np.float32)
-    blurred = _box_blur(region.astype(np.float32), radius)
+    blurred = box_blur(region.astype(np.float32), radius)
     alpha = np.clip(2.0 * blurred - 1.0 + 1.0 / (2 * radius + 1), 0.0, 1.0)
     return np.where(region, alpha, 0.0).astype(np.float32)
 

@@ -16,16 +16,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
 from .errors import ModelError
 
-__all__ = ["DDIMScheduler", "StepCoefficients"]
+__all__ = ["Scheduler", "DDIMScheduler", "StepCoefficients"]
 
 _SPACINGS = ("leading", "trailing", "linspace")
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+class Scheduler(Protocol):
+    """What the sampling loop needs from a scheduler: its timesteps and one update.
+
+    A second scheduler (DPM-Solver, Euler, ...) implements these four methods and the loop in
+    :mod:`composekit.sampler` runs it unchanged.
+    """
+
+    def max_steps(self) -> int:
+        """The largest number of inference steps this schedule can take."""
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """Descending integer timesteps for ``steps`` inference steps."""
+
+    def previous_timestep(self, t: int, steps: int) -> int:
+        """The timestep the update from ``t`` lands on (negative after the last step)."""
+
+    def step(self, model_output, t: int, sample, steps: int, eta: float = 0.0, noise=None):
+        """One update ``x_t -> x_{t-1}``; returns ``(x_{t-1}, x0_hat)``. Any array type with ``+ - * /``."""
+
+    def add_noise(self, x0, noise, t: int):
+        """Forward diffusion of a clean sample to timestep ``t`` (``x0`` itself for ``t < 0``)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +103,23 @@ class DDIMScheduler:
     prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
+        fix = "Fix scheduler/scheduler_config.json."
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
+                or not 2 <= self.num_train_timesteps <= 100_000:
+            raise ModelError(f"scheduler num_train_timesteps={self.num_train_timesteps!r} must be an integer in "
+                             f"2..100000. {fix}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) \
+                or not 0 <= self.steps_offset < self.num_train_timesteps // 2:
+            raise ModelError(f"scheduler steps_offset={self.steps_offset!r} must be an integer in "
+                             f"0..{self.num_train_timesteps // 2 - 1}. {fix}")
+        for key in ("beta_start", "beta_end", "clip_sample_range"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3 \
+                    or (key != "clip_sample_range" and not value < 1):
+                raise ModelError(f"scheduler {key}={value!r} must be a number in (0, 1). {fix}")
+        for key in ("set_alpha_to_one", "clip_sample"):
+            if not isinstance(getattr(self, key), bool):
+                raise ModelError(f"scheduler {key}={getattr(self, key)!r} must be true or false. {fix}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ModelError(
                 f"scheduler beta_schedule={self.beta_schedule!r} is not supported; expected 'linear', "
@@ -134,11 +174,25 @@ class DDIMScheduler:
 
     # -- schedule ---------------------------------------------------------------------------------
 
+    def max_steps(self) -> int:
+        """The most inference steps whose timesteps all lie inside the schedule.
+
+        With ``leading`` spacing and ``steps_offset=1`` (SD's configs) 1000 steps would ask for
+        timestep 1000 of a 1000-step schedule, so the limit is 999 there.
+        """
+        n = self.num_train_timesteps
+        if self.timestep_spacing != "leading":
+            return n
+        steps = n
+        while steps > 1 and (steps - 1) * (n // steps) + self.steps_offset > n - 1:
+            steps -= 1
+        return steps
+
     def timesteps(self, steps: int) -> np.ndarray:
         """The descending integer timesteps for ``steps`` inference steps (diffusers' ``set_timesteps``)."""
         n = self.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= n:
-            raise ValueError(f"steps must be an integer in [1, {n}], got {steps!r}")
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= self.max_steps():
+            raise ValueError(f"steps must be an integer in [1, {self.max_steps()}], got {steps!r}")
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
         elif self.timestep_spacing == "leading":
@@ -147,6 +201,10 @@ class DDIMScheduler:
         else:  # trailing
             ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         return ts.copy()
+
+    def previous_timestep(self, t: int, steps: int) -> int:
+        """``t - num_train_timesteps // steps`` (negative after the last step)."""
+        return int(t) - self.num_train_timesteps // steps
 
     def alpha(self, t: int) -> float:
         """``a_t`` (``alphas_cumprod[t]``), or the final value for ``t < 0``."""
@@ -200,6 +258,6 @@ class DDIMScheduler:
         return prev, x0
 
     def add_noise(self, x0, noise, t: int):
-        """Forward diffusion ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) z`` (``t < 0`` returns ``x0``-like)."""
+        """Forward diffusion ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) z`` (``t < 0``: the final alpha's mix)."""
         a = np.float32(self.alpha(int(t)))
         return float(a ** np.float32(0.5)) * x0 + float((np.float32(1.0) - a) ** np.float32(0.5)) * noise

@@ -125,3 +125,59 @@ def test_missing_torch_is_a_clear_error(tmp_path):
     assert proc.returncode == 4, proc.stderr
     assert "composekit[torch]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_paste_several_objects_fidelity_and_silhouette(tiny_model_dir, tmp_path):
+    bg = gradient_background(160, 100)
+    bg.save(tmp_path / "bg.png")
+    noise_object(seed=1).save(tmp_path / "a.png")
+    noise_object(seed=2).save(tmp_path / "b.png")
+    out = tmp_path / "two.png"
+    proc = run("paste", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "bg.png", "--box", "10,10,60,70",
+               "--box", "90,20,150,90", "-o", out, "--model", tiny_model_dir, "--steps", "2", "--seed", "5",
+               "--fidelity", "0.5", "--device", "cpu", "--json", "-q")
+    info = json.loads(proc.stdout)
+    assert info["boxes"] == [[10, 10, 60, 70], [90, 20, 150, 90]] and info["seeds"][0] == 5
+    from composekit import Compositor
+
+    direct = Compositor.from_pretrained(tiny_model_dir, device="cpu").paste(
+        [tmp_path / "a.png", tmp_path / "b.png"], bg, [(10, 10, 60, 70), (90, 20, 150, 90)], steps=2, seed=5,
+        fidelity=0.5, progress=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(direct.image))
+    proc = run("paste", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "bg.png", "--box", "10,10,60,70", "-o",
+               out, check=False)
+    assert proc.returncode == 2 and "2 --box" in proc.stderr
+    cut = np.dstack([np.asarray(noise_object(40, 40)), np.pad(np.full((20, 20), 255, np.uint8), 10)])
+    Image.fromarray(cut, "RGBA").save(tmp_path / "cut.png")
+    proc = run("paste", tmp_path / "cut.png", tmp_path / "bg.png", "--box", "20,10,100,90", "-o", out,
+               "--region", "silhouette", "--margin", "2", "--json", "--shadow", "0")
+    assert json.loads(proc.stdout)["method"] == "classic" and "seed" not in json.loads(proc.stdout)
+    changed = (np.asarray(Image.open(out)) != np.asarray(bg)).any(axis=2)
+    assert changed.any() and not changed[10:28, 20:38].any()  # the corner outside the grown silhouette
+
+
+@pytest.mark.parametrize("flags,text", [(["--steps", "3"], "--steps applies to the generative"),
+                                        (["--fidelity", "2"], "--fidelity applies"),
+                                        (["--device", "cuda"], "--device applies")])
+def test_classic_refuses_generative_flags(tmp_path, flags, text):
+    gradient_background(64, 64).save(tmp_path / "bg.png")
+    proc = run("paste", tmp_path / "bg.png", tmp_path / "bg.png", "--box", "0,0,8,8", "-o", tmp_path / "o.png",
+               *flags, check=False)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_batch_keeps_going_past_a_bad_file_and_resumes(tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    gradient_background(120, 90).save(shots / "a.png")
+    (shots / "b.png").write_bytes(b"not an image")
+    gradient_background(120, 90).save(shots / "c.png")
+    noise_object().save(tmp_path / "obj.png")
+    proc = run("batch", tmp_path / "obj.png", shots, "--box", "10,10,60,60", "-o", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "1 FAILED" in proc.stdout and "b.png" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    stamp = (tmp_path / "out" / "a.png").stat().st_mtime_ns
+    proc = run("batch", tmp_path / "obj.png", shots / "a.png", shots / "c.png", "--box", "10,10,60,60", "-o",
+               tmp_path / "out", "--json")
+    assert [r["status"].split()[0] for r in json.loads(proc.stdout)] == ["skipped", "skipped"]
+    assert (tmp_path / "out" / "a.png").stat().st_mtime_ns == stamp

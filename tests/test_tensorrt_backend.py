@@ -192,3 +192,18 @@ def test_gpu_arrays_without_cupy_are_a_clear_error():
         ArrayModule("cuda")
     with pytest.raises(InputError, match="not supported"):
         ArrayModule("tpu")
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_fidelity_on_engines(engines, fake_trt, family):
+    src, engine_dir = engines[family]
+    comp = Compositor.from_pretrained(engine_dir, backend="tensorrt")
+    ref = Compositor.from_pretrained(src, device="cpu")
+    bg, obj = gradient_background(140, 100), noise_object()
+    kw = dict(steps=4, seed=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(comp.paste(obj, bg, BOX, **kw).image),
+                                  np.asarray(comp.paste(obj, bg, BOX, fidelity=0.0, **kw).image))
+    lat_t, lat_e = [], []
+    ref.paste(obj, bg, BOX, fidelity=0.5, callback=lambda i, t, x: lat_t.append(x), **kw)
+    comp.paste(obj, bg, BOX, fidelity=0.5, callback=lambda i, t, x: lat_e.append(x), **kw)
+    assert np.abs(lat_t[-1] - lat_e[-1]).max() <= 1e-3
