@@ -24,8 +24,8 @@ from typing import Any
 
 from .errors import BackendUnavailableError, EngineIncompatibleError, ModelError
 from .files import atomic_file
-from .loading import read_json
-from .manifest import ExportManifest, sha256_file
+from .configs import SCHEMAS, check, inside, read_json, regular_file
+from .manifest import ExportManifest, check_manifest_data, sha256_file
 from .specs import COMPONENT_NAMES
 
 __all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT",
@@ -75,6 +75,7 @@ def read_sidecar(engine: str | os.PathLike) -> EngineSidecar:
     data = read_json(path, fix=REBUILD_HINT, missing=f"engine {engine} has no sidecar {path.name}; {REBUILD_HINT}")
     if data.get("format") != SIDECAR_FORMAT:
         raise ModelError(f"{path} is not a composekit engine sidecar; {REBUILD_HINT}")
+    check(data, SCHEMAS["sidecar"], str(path), REBUILD_HINT)
     try:
         return EngineSidecar(**{k: data[k] for k in EngineSidecar.__dataclass_fields__ if k in data})
     except TypeError as exc:
@@ -86,8 +87,10 @@ def check_engine(engine: str | os.PathLike, *, tensorrt_version: str, gpu_name: 
     """Refuse an engine this runtime must not load; return its sidecar when it may be loaded."""
     engine = Path(engine)
     sidecar = read_sidecar(engine)
-    if not engine.is_file():
-        raise ModelError(f"engine {engine} is missing; {REBUILD_HINT}")
+    try:
+        regular_file(engine, "engine")
+    except FileNotFoundError:
+        raise ModelError(f"engine {engine} is missing; {REBUILD_HINT}") from None
     if verify_hash and sha256_file(engine) != sidecar.engine_sha256:
         raise ModelError(
             f"engine {engine} does not match the sha256 in its sidecar: it was modified or copied incompletely; "
@@ -128,7 +131,9 @@ class EngineDir:
         name = self.data["engines"][component]["file"]
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise ModelError(f"{self.root / ENGINES}: engine file {name!r} must be a plain file name; {REBUILD_HINT}")
-        return self.root / name
+        path = inside(self.root, name, "engine")
+        inside(self.root, sidecar_path(name).name, "engine sidecar")  # the sidecar may not lead out either
+        return path
 
 
 def is_engine_dir(root: Path) -> bool:
@@ -138,13 +143,12 @@ def is_engine_dir(root: Path) -> bool:
 def read_engine_dir(root: str | os.PathLike) -> EngineDir:
     """Parse ``root/engines.json``; every component must have an engine entry."""
     root = Path(root)
-    data = read_json(root / ENGINES, fix=REBUILD_HINT,
+    data = read_json(root / ENGINES, fix=REBUILD_HINT, schema=SCHEMAS["engines"],
                      missing=f"{root} has no {ENGINES}; it is not a composekit engine directory ({REBUILD_HINT})")
-    if not isinstance(data.get("onnx_manifest"), dict) or not isinstance(data.get("engines"), dict):
-        raise ModelError(f"{root / ENGINES} lacks 'onnx_manifest' or 'engines'; {REBUILD_HINT}")
     missing = [c for c in COMPONENT_NAMES if c not in data["engines"]]
     if missing:
         raise ModelError(f"{root / ENGINES} lists no engine for {missing}; {REBUILD_HINT}")
+    check_manifest_data(data["onnx_manifest"], f"{root / ENGINES} (onnx_manifest)", REBUILD_HINT)
     return EngineDir(root, data)
 
 

@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 Box = tuple[int, int, int, int]
+# A context window may be edge-padded past a narrow background; it is refused when its pixel count
+# exceeds 4x the background's and this (a 4096 x 4096 window), so a thin strip cannot ask for gigabytes.
+MAX_PADDED_WINDOW = 4096 * 4096
 _RESAMPLE = Image.Resampling.LANCZOS
 
 
@@ -156,6 +159,13 @@ def plan_window(box: Box, width: int, height: int, model_size: int, context: flo
     longest = max(x1 - x0, y1 - y0)
     side = int(math.ceil(longest * float(context)))
     side = max(longest, min(side, max(width, height)))
+    limit = max(4 * width * height, MAX_PADDED_WINDOW)
+    if side * side > limit:
+        raise InputError(
+            f"the context window for box {box} on this {width}x{height} background would be {side}x{side} pixels "
+            f"(edge-padded), over the limit of {limit:,} pixels for so narrow a background; use a background "
+            "closer to square, a smaller box or a smaller context"
+        )
     x = _place((x0 + x1) / 2, side, width)
     y = _place((y0 + y1) / 2, side, height)
     return Window(x, y, side, model_size)
@@ -203,15 +213,21 @@ def model_hole(
 
 
 def box_blur(a: np.ndarray, radius: int) -> np.ndarray:
-    """Mean over a ``(2r+1)^2`` square, zero outside the array (separable, via cumulative sums)."""
+    """Mean over a ``(2r+1)^2`` square, zero outside the array (separable, via cumulative sums).
+
+    Memory is a few copies of ``a`` whatever the radius: window sums are read from the cumulative
+    sum at clamped indices instead of padding the array by ``radius``.
+    """
     k = 2 * radius + 1
-    p = np.pad(a.astype(np.float64), radius)
+    out = a.astype(np.float64)
     for axis in (0, 1):
-        c = np.cumsum(p, axis=axis)
+        n = out.shape[axis]
+        c = np.cumsum(out, axis=axis)
         c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)
-        n = p.shape[axis]
-        p = (np.take(c, range(k, n + 1), axis=axis) - np.take(c, range(0, n - k + 1), axis=axis)) / k
-    return p
+        i = np.arange(n)
+        hi, lo = np.minimum(i + radius + 1, n), np.maximum(i - radius, 0)
+        out = (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / k
+    return out
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:

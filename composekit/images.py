@@ -92,7 +92,7 @@ def _open(data: Any, what: str) -> Image.Image:
                     "composekit.images.set_max_pixels(N)"
                 )
             img.seek(0)
-            img = ImageOps.exif_transpose(img)
+            img = _exif_transpose(img, label)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
@@ -108,8 +108,21 @@ def _open(data: Any, what: str) -> Image.Image:
     return img
 
 
+def _exif_transpose(img: Image.Image, label: str) -> Image.Image:
+    """Apply the EXIF orientation; a file whose EXIF block is malformed is refused with a fix."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # struct.error, TypeError, ... from Pillow's EXIF (re)writer
+        raise InputError(
+            f"{label} has malformed EXIF metadata ({type(exc).__name__}: {exc}), so its orientation cannot be "
+            "applied safely; re-save the image without EXIF (e.g. PIL: img.save(path, exif=b''))"
+        ) from None
+
+
 def _to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
     """Scale 16-bit (0..65535) and float (0..1) pixel values to uint8; refuse anything else."""
+    if arr.size == 0:
+        raise InputError(f"{what} is empty (shape {arr.shape}); expected at least one pixel")
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.uint16:
@@ -142,6 +155,13 @@ def load_picture(image: Any, what: str = "image") -> Picture:
     if isinstance(image, Image.Image):
         kind: Kind = "pil"
         img = image
+        try:
+            img.load()  # a lazily opened image decodes here; a closed or truncated one fails here
+        except Exception as exc:  # ValueError (closed), OSError (truncated), AssertionError (no file)...
+            raise InputError(
+                f"{what} is a PIL image that cannot be read ({type(exc).__name__}: {exc or 'no data'}); pass an open "
+                "image (load it before closing its file) or the file's path"
+            ) from None
     elif isinstance(image, np.ndarray):
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 0:
             # Fast path for the common case: one copy, no round trip through Pillow.
@@ -165,6 +185,11 @@ def load_picture(image: Any, what: str = "image") -> Picture:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     elif img.mode in ("LA", "PA", "RGBa", "La"):
+        if img.mode == "La":  # premultiplied luminance + alpha: Pillow converts it only through LA
+            arr = np.asarray(img).astype(np.float32)
+            a = arr[..., 1:2]
+            straight = np.where(a > 0, np.clip(np.rint(arr[..., :1] * 255.0 / np.maximum(a, 1)), 0, 255), 0)
+            img = Image.fromarray(np.dstack([straight, a]).astype(np.uint8), "LA")
         img = img.convert("RGBA")
     elif img.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer images
         arr = np.asarray(img)

@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .configs import MAX_JSON_BYTES, SCHEMAS, inside, read_json, regular_file
 from .errors import ModelError, ModelNotFoundError, UnsafeModelFileError
 
-__all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "read_json", "HUB_ALLOW_PATTERNS"]
+__all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "read_json", "HUB_ALLOW_PATTERNS",
+           "check_safetensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,23 +164,38 @@ def _explain_missing_safetensors(repo: str, revision: str | None, root: Path, of
         )
 
 
-def read_json(path: Path, *, missing: str | None = None,
-              fix: str = "restore the file from the model's source") -> dict[str, Any]:
-    """A JSON object from ``path``; every failure is a :class:`ModelError` (``missing`` / ``fix`` word it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(missing or f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, got {type(data).__name__}; {fix}")
-    return data
+def check_safetensors(path: Path) -> None:
+    """Refuse a ``.safetensors`` file that is empty, truncated or whose header is malformed, before any
+    library reads it (a download cut short looks like this). Reads only the header."""
+    size = regular_file(path, "weight file").st_size
+    hint = "the file is truncated or corrupt (an interrupted download?); re-download the model"
+    if size < 8:
+        raise ModelError(f"{path} is {size} bytes: {hint}")
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(size - 8, MAX_JSON_BYTES * 4):
+            raise ModelError(f"{path}: its header claims {length:,} bytes but the file has {size:,}: {hint}")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise ModelError(f"{path}: its header is not valid JSON: {hint}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: its header is not a JSON object: {hint}")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ModelError(f"{path}: tensor {name!r} lies outside the file's {data_size:,} data bytes: {hint}")
 
 
-def _weights(folder: Path) -> tuple[Path, ...]:
-    files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name)
+def _weights(root: Path, folder: Path) -> tuple[Path, ...]:
+    files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name and p.is_file())
+    for path in files:
+        inside(root, path.relative_to(root), "weight file")
+        check_safetensors(path)
     if files:
         return tuple(files)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -193,13 +211,14 @@ def _weights(folder: Path) -> tuple[Path, ...]:
 
 def read_model_dir(root: Path) -> ModelFiles:
     """Validate a model directory's layout and read its configs (no weights are loaded)."""
-    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else None
-    if index is None:
+    root = Path(root)
+    if not (root / "model_index.json").exists():
         raise ModelError(
             f"{root} has no model_index.json; expected a diffusers Paint-by-Example directory "
             "(model_index.json, image_encoder/, unet/, vae/, scheduler/, feature_extractor/)"
         )
-    cls = index.get("_class_name")
+    index = read_json(inside(root, "model_index.json"), schema=SCHEMAS["model_index"])
+    cls = index["_class_name"]
     family = FAMILIES.get(cls)
     if family is None:
         raise ModelError(
@@ -215,9 +234,10 @@ def read_model_dir(root: Path) -> ModelFiles:
                 f"model component {name!r} is missing: no folder {folder}. Re-download the model or "
                 "rebuild it (`composekit make-model`)."
             )
-        configs[name] = read_json(folder / config_name)
+        config_path = inside(root, f"{name}/{config_name}", "config")
+        configs[name] = read_json(config_path, schema=SCHEMAS[name])
         if weighted:
-            weights[name] = _weights(folder)
+            weights[name] = _weights(root, folder)
     _check_configs(root, family, configs)
     return ModelFiles(root=root, family=family, index=index, configs=configs, weights=weights)
 
@@ -232,6 +252,14 @@ def _check_configs(root: Path, family: str, configs: dict[str, dict[str, Any]]) 
             f"{root / 'unet' / 'config.json'}: in_channels={in_ch}, expected {2 * latent + 1} "
             f"(noisy latent + masked-background latent + mask) or {latent} for the VAE's {latent} latent channels"
         )
+    size = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    if not 8 <= size <= 4096:
+        raise ModelError(f"{root / 'unet' / 'config.json'}: sample_size={unet['sample_size']} with the VAE's "
+                         f"{len(vae['block_out_channels'])} blocks gives {size}-pixel images; expected 8..4096. "
+                         "The config is corrupt or from another model; re-download it")
+    if unet.get("out_channels", latent) != latent:
+        raise ModelError(f"{root / 'unet' / 'config.json'}: out_channels={unet.get('out_channels')} must equal the "
+                         f"VAE's latent_channels={latent}; the components come from different models")
     if family == "objectstitch":
         producer, key, proj = "adaptor", "context_dim", configs["adaptor"].get("context_dim", 768)
         width = configs["image_encoder"].get("hidden_size")

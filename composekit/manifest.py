@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .configs import SCHEMAS, check, inside, read_json, regular_file
 from .errors import ModelError
-from .loading import read_json
 from .specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
 
 __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
@@ -42,13 +42,8 @@ def is_export_dir(root: Path) -> bool:
 
 
 def _inside(root: Path, name: str) -> Path:
-    """``root / name``, refusing absolute paths, ``..`` and symlinks that lead outside ``root``."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ModelError(f"{root / MANIFEST}: file name {name!r} must be a plain name inside the export directory")
-    path = root / name
-    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
-        raise ModelError(f"{path} leads outside the export directory {root}; refusing to read it")
-    return path
+    """``root / name`` inside the export directory (see :func:`composekit.configs.inside`)."""
+    return inside(root, name, "file", "export directory")
 
 
 @dataclass(frozen=True)
@@ -91,30 +86,46 @@ class ExportManifest:
         return _inside(self.root, self.data["components"][name]["file"])
 
 
+def check_manifest_data(data: dict[str, Any], where: str, fix: str) -> None:
+    """Check a manifest's content against its schema (also used for the copy an engine directory holds)."""
+    if data.get("format") != FORMAT:
+        raise ModelError(f"{where} is not a {FORMAT} manifest; {fix}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{where} has format_version {data.get('format_version')!r}; this composekit reads "
+            f"{FORMAT_VERSION}. Re-export the model with this composekit version."
+        )
+    check(data, SCHEMAS["manifest"], where, fix)
+    check(data["dims"], SCHEMAS["manifest_dims"], f"{where} (dims)", fix)
+    if data["dims"]["model_size"] % data["dims"]["vae_scale_factor"]:
+        raise ModelError(f"{where}: model_size {data['dims']['model_size']} is not a multiple of vae_scale_factor "
+                         f"{data['dims']['vae_scale_factor']}; {fix}")
+    missing = [c for c in COMPONENT_NAMES if c not in data["components"]]
+    if missing:
+        raise ModelError(f"{where} lacks component(s) {missing}; {fix}")
+    for name in COMPONENT_NAMES:
+        entry = data["components"][name]
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where}: component {name!r} must be an object; {fix}")
+        check(entry, SCHEMAS["manifest_component"], f"{where} ({name})", fix)
+
+
 def read_manifest(root: str | os.PathLike, verify: bool = True) -> ExportManifest:
     """Parse and check ``root/manifest.json``; with ``verify`` also check every file's sha256."""
     root = Path(root)
-    data = read_json(root / MANIFEST, fix="re-export the model",
+    fix = "re-export the model"
+    where = str(root / MANIFEST)
+    data = read_json(root / MANIFEST, fix=fix,
                      missing=f"{root} has no {MANIFEST}; it is not a composekit export (run `composekit-export onnx`)")
-    if data.get("format") != FORMAT:
-        raise ModelError(f"{root / MANIFEST} is not a {FORMAT} manifest; re-export the model")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
-            f"{root / MANIFEST} has format_version {data.get('format_version')!r}; this composekit reads "
-            f"{FORMAT_VERSION}. Re-export the model with this composekit version."
-        )
-    for key in ("source", "dims", "precision", "scheduler", "feature_extractor", "components"):
-        if key not in data:
-            raise ModelError(f"{root / MANIFEST} lacks {key!r}; re-export the model")
-    missing = [c for c in COMPONENT_NAMES if c not in data["components"]]
-    if missing:
-        raise ModelError(f"{root / MANIFEST} lacks component(s) {missing}; re-export the model")
+    check_manifest_data(data, where, fix)
     for name in COMPONENT_NAMES:
         entry = data["components"][name]
         for item in [entry] + list(entry.get("external_data", [])):
             path = _inside(root, item["file"])
-            if not path.is_file():
-                raise ModelError(f"{path} is missing; the export is incomplete. Re-export or copy it again.")
+            try:
+                regular_file(path, "exported graph file")
+            except FileNotFoundError:
+                raise ModelError(f"{path} is missing; the export is incomplete. Re-export or copy it again.") from None
             if verify and sha256_file(path) != item["sha256"]:
                 raise ModelError(
                     f"{path} does not match the sha256 in {root / MANIFEST}: the file was modified or copied "

@@ -21,7 +21,11 @@ from PIL import Image
 
 from .errors import InputError, ModelError
 
-__all__ = ["ClipPreprocessor", "flatten_cutout", "require_visible"]
+__all__ = ["ClipPreprocessor", "flatten_cutout", "require_visible", "check_object_shape", "MAX_OBJECT_ASPECT"]
+
+# The object is resized so its shorter side is CLIP's (224) and, as a cut-out, padded to a square: a
+# 1 x 40000 object would become gigabytes. Longer/shorter side beyond this is refused.
+MAX_OBJECT_ASPECT = 50
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,6 +73,7 @@ class ClipPreprocessor:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """``HxWx3`` uint8 -> ``1x3xCxC`` float32 pixel values."""
         h, w = rgb.shape[:2]
+        check_object_shape(h, w)
         if h <= w:
             nh, nw = self.size, int(self.size * w / h)
         else:
@@ -83,6 +88,16 @@ class ClipPreprocessor:
         arr = arr * np.float32(self.rescale)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def check_object_shape(height: int, width: int, what: str = "object") -> None:
+    """Refuse an object (or its visible part) more elongated than :data:`MAX_OBJECT_ASPECT` : 1."""
+    ratio = max(height, width) / max(min(height, width), 1)
+    if ratio > MAX_OBJECT_ASPECT:
+        raise InputError(
+            f"{what} is {width}x{height} pixels, {ratio:.0f}:1; the model's image encoder takes objects up to "
+            f"{MAX_OBJECT_ASPECT}:1. Crop it closer to the object or pad it towards a square"
+        )
 
 
 def require_visible(alpha: np.ndarray | None) -> None:
@@ -105,6 +120,7 @@ def flatten_cutout(rgb: np.ndarray, alpha: np.ndarray | None,
     require_visible(alpha)
     ys, xs = np.nonzero(alpha > 0)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    check_object_shape(int(y1 - y0), int(x1 - x0), "the object's visible part (alpha > 0)")
     a = alpha[y0:y1, x0:x1, None].astype(np.float32) / 255.0
     back = np.asarray(backdrop, np.float32)
     obj = rgb[y0:y1, x0:x1].astype(np.float32) * a + back * (1.0 - a)

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 __version__ = "10.99.0-fake"
+FAKE_GPU = ("Fake GPU", "9.0")  # (name, compute capability) the tests pretend to run on
 
 _ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -123,3 +124,13 @@ class Context:
             return True
         finally:
             self.busy.release()
+
+
+def build_fake_engines(onnx_dir, out, compile_engine=None):
+    """An engine directory whose "engines" are the export's ONNX bytes, with real sidecars (for the tests)."""
+    from export.tensorrt_build import write_engine_dir
+
+    return write_engine_dir(
+        onnx_dir, out, compile_engine or (lambda name, path, spec: path.read_bytes()),
+        tensorrt_version=__version__, gpu_name=FAKE_GPU[0], compute_capability=FAKE_GPU[1],
+        build_flags={"fp16": False, "stand_in": "fake_tensorrt"})

@@ -26,18 +26,9 @@ from conftest import gradient_background, noise_object
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 import fake_tensorrt  # noqa: E402  (needs onnxruntime)
+from fake_tensorrt import FAKE_GPU, build_fake_engines  # noqa: E402
 
 BOX = (20, 10, 100, 80)
-FAKE_GPU = ("Fake GPU", "9.0")
-
-
-def build_fake_engines(onnx_dir, out, compile_engine=None):
-    from export.tensorrt_build import write_engine_dir
-
-    return write_engine_dir(
-        onnx_dir, out, compile_engine or (lambda name, path, spec: path.read_bytes()),
-        tensorrt_version=fake_tensorrt.__version__, gpu_name=FAKE_GPU[0], compute_capability=FAKE_GPU[1],
-        build_flags={"fp16": False, "stand_in": "fake_tensorrt"})
 
 
 @pytest.fixture()

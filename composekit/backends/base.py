@@ -7,12 +7,45 @@ device buffers elsewhere). The sampler only combines them with ``+ - * /``, slic
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "ModelInfo"]
+from ..errors import BackendUnavailableError, ComposekitError, ModelError
+
+__all__ = ["Backend", "ModelInfo", "model_call"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def model_call(component: str) -> Callable[[F], F]:
+    """Decorate a backend's model call so a failure inside the runtime surfaces as a composekit error.
+
+    Out-of-memory becomes :class:`BackendUnavailableError`; anything else the runtime raises (a
+    config that built a module which cannot run, a graph that rejects its inputs) becomes
+    :class:`ModelError` naming the component, with the original exception chained.
+    """
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ComposekitError:
+                raise
+            except MemoryError as exc:
+                raise BackendUnavailableError(f"out of memory running the {component}; free memory, use a smaller "
+                                              "context or a lower precision") from exc
+            except Exception as exc:  # torch, onnxruntime and TensorRT raise their own types
+                if "out of memory" in str(exc).lower():
+                    raise BackendUnavailableError(f"out of memory running the {component} ({exc}); free device "
+                                                  "memory, or use dtype='float16' / a smaller batch") from exc
+                raise ModelError(f"the {component} failed to run: {type(exc).__name__}: {exc}. The model's config "
+                                 "or graph may be corrupt; restore or re-export it (if it is intact, please "
+                                 "report this)") from exc
+        return call  # type: ignore[return-value]
+    return wrap
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,18 @@ callers.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..configs import inside
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..engines import is_engine_dir
 from ..manifest import ExportManifest, is_export_dir, read_manifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo
+from .base import ModelInfo, model_call
 
 __all__ = ["OnnxRuntimeBackend", "load"]
 
@@ -76,30 +76,85 @@ def _providers(ort, device: Any, providers: Sequence[Any] | None) -> list[Any]:
     raise InputError(f"device {device!r} is not supported by the onnxruntime backend; use 'cpu' or 'cuda'")
 
 
+def _tensors_with_data(model: Any) -> Any:
+    """Every tensor of a graph that may carry external data: initializers, attribute tensors and the
+    values and indices of sparse initializers, in the main graph and every subgraph."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(model)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
 def check_external_data(path: Path, root: Path) -> None:
-    """Refuse a graph whose external-data references leave ``root`` (absolute, ``..``, symlinks).
+    """Refuse a graph whose external-data references leave ``root`` (absolute, ``..``, symlinks out).
 
     Reads only the graph's protobuf (``load_external_data=False``), never the referenced files.
+    Sparse initializers are checked too (ONNX Runtime releases before late 2025 do not check them).
     """
     try:
         import onnx
-        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+        from onnx.external_data_helper import uses_external_data
     except ImportError as exc:
         raise BackendUnavailableError(
             "checking an exported graph's external data needs the onnx package: `pip install 'composekit[onnx]'`"
         ) from exc
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in _get_all_tensors(model):
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path} is not a readable ONNX graph ({type(exc).__name__}: {exc}); re-export the model") \
+            from None
+    for tensor in _tensors_with_data(model):
         if not uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = root / location
-        if (not location or os.path.isabs(location) or ".." in Path(location).parts or target.is_symlink()
-                or not target.resolve().is_relative_to(root.resolve())):
+        try:
+            target = inside(root, location, "external data", "export directory")
+            if target.is_symlink():
+                raise ModelError(f"{target} is a symlink")
+        except ModelError as exc:
             raise ModelError(
                 f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the export "
-                f"directory {root}; refusing to load it (re-export the model)"
-            )
+                f"directory {root}; refusing to load it (re-export the model). ({exc})"
+            ) from None
+
+
+_ORT_FLOATS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
+
+
+def check_graph_io(session: Any, spec: Any, precision: str, path: Path) -> None:
+    """The graph's inputs and outputs are the spec's: names, ranks, fixed sizes and the manifest's precision.
+
+    Catches a graph swapped for another (with its sha256 updated) and a manifest whose precision or
+    dimensions contradict the graphs, at load time instead of inside the first run.
+    """
+    want = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    got = {a.name: a for a in (*session.get_inputs(), *session.get_outputs())}
+    if sorted(a.name for a in session.get_inputs()) != sorted(spec.input_names) or \
+            sorted(a.name for a in session.get_outputs()) != sorted(spec.output_names):
+        raise ModelError(f"{path}: graph inputs {sorted(a.name for a in session.get_inputs())} and outputs "
+                         f"{sorted(a.name for a in session.get_outputs())} are not the {spec.name} spec's "
+                         f"{spec.input_names} / {spec.output_names}; the file is not this export's graph. Re-export")
+    for name, tensor in want.items():
+        arg = got[name]
+        dtype = "tensor(int64)" if tensor.dtype == "int64" else _ORT_FLOATS[precision]
+        if arg.type != dtype:
+            raise ModelError(f"{path}: {name} is {arg.type}, but the manifest's precision {precision!r} needs {dtype}; "
+                             "the manifest and the graphs disagree. Re-export")
+        shape = list(arg.shape)
+        if len(shape) != len(tensor.shape) or any(isinstance(w, int) and isinstance(g, int) and w != g
+                                                  for w, g in zip(tensor.shape, shape)):
+            raise ModelError(f"{path}: {name} has shape {shape}; the manifest's dimensions give {list(tensor.shape)}. "
+                             "The manifest and the graphs disagree. Re-export")
 
 
 class OnnxRuntimeBackend:
@@ -123,6 +178,7 @@ class OnnxRuntimeBackend:
                                                            providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ModelError(f"onnxruntime could not load {path}: {exc}") from exc
+            check_graph_io(self.sessions[name], self.specs[name], manifest.precision, path)
         self.providers = self.sessions["unet"].get_providers()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
         self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(manifest.root))
@@ -168,17 +224,21 @@ class OnnxRuntimeBackend:
 
     # -- the four components ----------------------------------------------------------------------
 
+    @model_call("image encoder")
     def encode_object(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         context, uncond = self._run("object_encoder", pixel_values=self.asarray(pixels))
         return context, uncond
 
+    @model_call("VAE encoder")
     def encode_image(self, image: np.ndarray) -> np.ndarray:
         return self._run("vae_encoder", image=image)[0]
 
+    @model_call("U-Net")
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), dtype=np.int64), np.int64)
         return self._run("unet", sample=sample, timestep=t, encoder_hidden_states=context)[0]
 
+    @model_call("VAE decoder")
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._run("vae_decoder", latent=latents)[0]
 

@@ -37,7 +37,7 @@ from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, r
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo
+from .base import ModelInfo, model_call
 
 __all__ = ["TensorRTBackend", "load"]
 
@@ -176,17 +176,21 @@ class TensorRTBackend:
 
     # -- the four components ----------------------------------------------------------------------
 
+    @model_call("image encoder")
     def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
         context, uncond = self._run("object_encoder", {"pixel_values": self.asarray(pixels)})
         return context, uncond
 
+    @model_call("VAE encoder")
     def encode_image(self, image: Any) -> Any:
         return self._run("vae_encoder", {"image": image})[0]
 
+    @model_call("U-Net")
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
         return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
 
+    @model_call("VAE decoder")
     def decode(self, latents: Any) -> Any:
         return self._run("vae_decoder", {"latent": latents})[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..loading import ModelFiles, read_model_dir
 from . import HOLDS, detect_backend
-from .base import ModelInfo
+from .base import ModelInfo, model_call
 
 __all__ = ["TorchBackend", "load"]
 
@@ -101,6 +102,10 @@ def image_encoder_class() -> type:
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# diffusers' and transformers' lazy module imports are not thread-safe: two threads resolving
+# `from diffusers import AutoencoderKL` at once can see a half-initialised module (ImportError). Model
+# loads take this lock, so concurrent from_pretrained calls load one after another.
+_LOAD_LOCK = threading.RLock()
 
 
 def _check_weight_dtypes(files: ModelFiles, name: str) -> None:
@@ -108,11 +113,14 @@ def _check_weight_dtypes(files: ModelFiles, name: str) -> None:
     from safetensors import safe_open
 
     for path in files.weights[name]:
-        with safe_open(str(path), framework="np") as f:
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype not in _FLOAT_DTYPES and not key.endswith(("position_ids", "num_batches_tracked")):
-                    raise ModelError(f"{path}: tensor {key!r} has dtype {dtype}; expected a float type")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        except Exception as exc:  # safetensors' SafetensorError for a header it cannot parse
+            raise ModelError(f"{path} is not a readable safetensors file ({exc}); re-download the model") from None
+        for key, dtype in dtypes.items():
+            if dtype not in _FLOAT_DTYPES and not key.endswith(("position_ids", "num_batches_tracked")):
+                raise ModelError(f"{path}: tensor {key!r} has dtype {dtype}; expected a float type")
 
 
 def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device, dtype: torch.dtype):
@@ -128,10 +136,10 @@ def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device
     try:
         with quiet_loading():
             module, info = cls.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # diffusers/transformers raise many types for configs and weights that disagree
         raise ModelError(
-            f"could not load {name} from {folder}: {exc}. The weights do not match the config; re-download the "
-            "model or rebuild it."
+            f"could not load {name} from {folder}: {type(exc).__name__}: {exc}. The config or the weights are "
+            "corrupt or do not match each other; re-download the model or rebuild it."
         ) from exc
     missing = sorted(info.get("missing_keys", []))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
@@ -221,6 +229,7 @@ class TorchBackend:
     # -- the four components ----------------------------------------------------------------------
 
     @torch.inference_mode()
+    @model_call("image encoder")
     def encode_object(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.adaptor is not None:
             # ObjectStitch: all 257 CLIP tokens, CLIP's post layer norm, then the content adaptor.
@@ -233,10 +242,12 @@ class TorchBackend:
         return cond, uncond.to(cond.dtype).expand(cond.shape[0], -1, -1)
 
     @torch.inference_mode()
+    @model_call("VAE encoder")
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image).latent_dist.mean * self.scaling
 
     @torch.inference_mode()
+    @model_call("U-Net")
     def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
         t = self._timesteps.get(int(timestep))
         if t is None:  # one host->device copy per distinct timestep, not one per step and call
@@ -251,6 +262,7 @@ class TorchBackend:
         return self._unet_call(sample, t, encoder_hidden_states=context).sample
 
     @torch.inference_mode()
+    @model_call("VAE decoder")
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling).sample
 
@@ -278,4 +290,5 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_las
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if not isinstance(compile, bool) and compile not in modes:
         raise InputError(f"compile must be True, False or one of {modes}, got {compile!r}")
-    return TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
+    with _LOAD_LOCK:
+        return TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
