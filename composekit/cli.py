@@ -184,34 +184,46 @@ def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, in
 def _cmd_batch(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from .errors import ComposekitError
+
     if (args.box is None) == (args.boxes is None):
         raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
     args.batch_bar = True
     options = _method_options(args)
     jobs = _batch_jobs(args)
     comp = _compositor(args)
-    report, failed, skipped = [], 0, 0
-    for bg, box, out in tqdm(jobs, desc="composekit batch", disable=args.quiet or args.json):
-        record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
+    report: list[dict] = []
+    todo = []
+    for bg, box, out in jobs:
         if out.exists() and not args.overwrite:
-            record["status"] = "skipped (output exists; --overwrite to redo)"
-            skipped += 1
-            report.append(record)
-            continue
+            report.append({"background": str(bg), "box": list(box), "output": str(out),
+                           "status": "skipped (output exists; --overwrite to redo)"})
+        else:
+            todo.append((bg, box, out))
+    stream = comp.paste_stream(({"object": args.object, "background": bg, "box": box, "seed": args.seed}
+                                for bg, box, _ in todo), batch_size=args.batch_size, region=args.region,
+                               margin=args.margin, options=options)
+    failed = 0
+    bar = tqdm(total=len(todo), desc="composekit batch", disable=args.quiet or args.json)
+    for (bg, box, out), result in zip(todo, stream):
+        record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
         try:
-            result = comp.paste(args.object, bg, box, seed=args.seed, region=args.region, margin=args.margin,
-                                options=options)
+            if isinstance(result, ComposekitError):
+                raise result
             save_image_atomic(result.image, out)
         except (InputError, OSError) as exc:  # one bad file does not stop the batch; model errors do
             record.update(status="failed", error=str(exc) if isinstance(exc, InputError) else f"{out}: {exc}")
             failed += 1
             if not args.json:
-                print(f"composekit: {bg}: {record['error']}", file=sys.stderr)
+                bar.write(f"composekit: {bg}: {record['error']}", file=sys.stderr)
         else:
             record.update(status="ok", seed=result.seed if result.method == "generative" else None,
                           timings=dict(result.timings))
         report.append(record)
-    done = len(report) - failed - skipped
+        bar.update()
+    bar.close()
+    skipped = len(jobs) - len(todo)
+    done = len(todo) - failed
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
@@ -365,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--feather", type=int, default=None, help="as for paste")
     b.add_argument("--harmonize", type=float, default=None, help="as for paste (classic method)")
     b.add_argument("--shadow", type=float, default=None, help="as for paste (classic method)")
+    b.add_argument("--batch-size", type=int, default=4,
+                   help="composites sampled together (one U-Net call per step for all; default 4)")
     b.add_argument("--overwrite", action="store_true",
                    help="composite again where an output file exists (default: skip it, so a re-run resumes)")
     b.add_argument("--json", action="store_true", help="print one JSON record per composite, with timings")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 import secrets
@@ -12,20 +13,20 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from . import geometry
 from .backends import Backend, choose_backend, load_backend
-from .errors import InputError, ModelError
+from .errors import ComposekitError, InputError, ModelError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
 from .engines import is_engine_dir, read_engine_dir
 from .manifest import is_export_dir, read_manifest
 from .options import MAX_FEATHER, ClassicOptions, GenerativeOptions, field_names
 from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
-from .sampler import SamplerOptions, sample
+from .sampler import Job, SamplerOptions, check_latents, sample_batch
 from .scheduler import DDIMScheduler
 
 __all__ = ["Compositor", "CompositeResult"]
@@ -364,14 +365,12 @@ class Compositor:
                                  f"use at most {limit}")
         return method, options
 
-    def _generate(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
-                  seed: int, opts: GenerativeOptions, latents: Any, callback: Any
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
+    def _prepare(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
+                 seed: int, opts: GenerativeOptions, latents: Any = None) -> "_Prepared":
+        """One object's sampler job: context window, model-space hole, object tensor (and the naive paste)."""
         start = time.perf_counter()
         info = self.backend.info
         height, width = rgb.shape[:2]
-        # Geometry: context window, model-space hole, object tensor.
         window = geometry.plan_window(region_box, width, height, info.model_size, opts.context)
         window_pixels = geometry.crop_window(rgb, window)
         hole = geometry.model_hole(region_box, window, info.vae_scale_factor, region_mask)
@@ -385,24 +384,147 @@ class Compositor:
             naive, _ = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask, harmonize=0.0, shadow=0.0,
                                          feather=0)
             guide = geometry.crop_window(naive, window)
-        prepared = time.perf_counter()
-        out = sample(
-            self.backend, self.scheduler, window_pixels, hole, object_pixels,
-            SamplerOptions(steps=opts.steps, guidance=opts.guidance, eta=opts.eta, seed=seed,
-                           guidance_end=opts.guidance_end, decode=opts.decode, progress=opts.progress,
-                           callback=callback, ilvr=opts.ilvr),
-            latents=latents, encode_object=self._object_context, guide_window=guide,
-        )
-        # Paste back only the editable region, with the soft edge inside it.
+        f = info.vae_scale_factor
+        shape = (1, info.latent_channels, info.model_size // f, info.model_size // f)
+        job = Job(window_pixels, hole, object_pixels, seed, guide,
+                  None if latents is None else check_latents(latents, shape))
+        return _Prepared(rgb, region_box, region_mask, window, job, time.perf_counter() - start)
+
+    def _finish(self, prep: "_Prepared", out: Any, opts: GenerativeOptions
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Paste back only the editable region, with the soft edge inside it: (pixels, changed, timings)."""
         pasted = time.perf_counter()
-        x0, y0, x1, y1 = region_box
-        region = region_mask if region_mask is not None else np.ones((y1 - y0, x1 - x0), bool)
-        radius = geometry.default_feather(region_box) if opts.feather is None else opts.feather
+        x0, y0, x1, y1 = prep.region_box
+        region = prep.region_mask if prep.region_mask is not None else np.ones((y1 - y0, x1 - x0), bool)
+        radius = geometry.default_feather(prep.region_box) if opts.feather is None else opts.feather
         alpha = geometry.feather_alpha(region, radius)
-        composite = geometry.paste_back(rgb, out.image, window, region_box, alpha)
+        composite = geometry.paste_back(prep.rgb, out.image, prep.window, prep.region_box, alpha)
         timings = dict(out.timings)
-        timings.update(prepare=prepared - start, paste=time.perf_counter() - pasted)
+        timings.update(prepare=prep.seconds, paste=time.perf_counter() - pasted)
         return composite, alpha > 0, timings
+
+    def _sampler_options(self, opts: GenerativeOptions, seed: int = 0, callback: Any = None) -> SamplerOptions:
+        return SamplerOptions(steps=opts.steps, guidance=opts.guidance, eta=opts.eta, seed=seed,
+                              guidance_end=opts.guidance_end, decode=opts.decode, progress=opts.progress,
+                              callback=callback, ilvr=opts.ilvr)
+
+    def _generate(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
+                  seed: int, opts: GenerativeOptions, latents: Any, callback: Any
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
+        prep = self._prepare(rgb, ob, region_box, region_mask, seed, opts, latents)
+        out = sample_batch(self.backend, self.scheduler, [prep.job], self._sampler_options(opts, seed, callback),
+                           encode_object=self._object_context)[0]
+        if isinstance(out, ComposekitError):
+            raise out
+        return self._finish(prep, out, opts)
+
+    # -- many composites ----------------------------------------------------------------------------
+
+    def paste_batch(self, jobs: Iterable[Any], *, batch_size: int = 4, **options: Any) -> list[Any]:
+        """Many independent composites, sampled together; returns one entry per job, in order.
+
+        Each job is a mapping with keys ``object``, ``background`` and ``box`` and/or ``mask``, and
+        optionally ``seed`` (drawn when absent), or a tuple ``(object, background, box)`` /
+        ``(object, background, box, seed)``. ``options`` are :meth:`paste`'s keyword options (``steps``,
+        ``guidance``, ``fidelity``, ``region``, ..., or ``options=``), shared by every job; ``progress``
+        defaults to False here, and ``callback(step, timestep, latents)`` sees each batch's latents
+        ``(B, 4, h, w)`` (the jobs that reached the sampler, in order).
+
+        Up to ``batch_size`` jobs run as one batch: one object-encoder and one VAE-encoder call for all of
+        them, one U-Net call per step (``2 x batch_size`` rows with guidance), one decode. Each result
+        equals the same job's :meth:`paste` with the same seed up to the runtime's rounding at another
+        batch size (tested: latents within 1e-5 in fp32, images within 1/255; the background is
+        bit-identical). A job that fails — a bad image, a box outside its background, NaN in its
+        latents — is returned as its :class:`ComposekitError` in its place; the others are unaffected.
+        Every result's ``timings`` are its batch's stage times.
+
+        Exported models and engines take batches up to the size they were exported for
+        (``composekit-export onnx --max-batch N``).
+        """
+        return list(self.paste_stream(jobs, batch_size=batch_size, **options))
+
+    def paste_stream(self, jobs: Iterable[Any], *, batch_size: int = 4, **options: Any) -> Iterator[Any]:
+        """:meth:`paste_batch` as an iterator: jobs are read lazily and results come out as each batch
+        finishes, so memory is bounded by ``batch_size`` whatever the number of jobs."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= 256:
+            raise InputError(f"batch_size must be an integer in 1..256, got {batch_size!r}")
+        unknown = sorted(set(options) - _BATCH_OPTIONS)
+        if unknown:
+            raise InputError(f"paste_batch takes no option(s) {unknown}; per-job values (object, background, box, "
+                             f"mask, seed) go in the jobs, shared ones are {sorted(_BATCH_OPTIONS)}")
+        if options.get("options") is None:
+            options.setdefault("progress", False)
+        method = options.get("method")
+        given = {k: options.get(k, _PASTE_DEFAULTS[k]) for k in _OPTION_KEYWORDS}
+        method, opts = self._options(method, options.get("options"), given)
+        limit = self.backend.info.max_batch if self.backend is not None else None
+        if method == "generative" and limit is not None and batch_size > limit:
+            raise InputError(f"batch_size={batch_size}, but this {self.backend.name} model takes at most {limit} "
+                             f"composites per batch; pass batch_size<={limit} or re-export with --max-batch {batch_size}")
+        shared = {k: options[k] for k in ("region", "margin", "callback") if k in options}
+        iterator = iter(jobs)
+        while True:
+            chunk = list(itertools.islice(iterator, int(batch_size)))
+            if not chunk:
+                return
+            yield from self._run_batch(chunk, method, opts, shared)
+
+    def _run_batch(self, chunk: list[Any], method: str, opts: Any, shared: dict[str, Any]) -> list[Any]:
+        """One batch: prepare each job (failures are kept in place), sample the good ones together, finish."""
+        results: list[Any] = [None] * len(chunk)
+        prepared: dict[int, tuple[Any, Any]] = {}
+        for i, raw in enumerate(chunk):
+            try:
+                item = _batch_job(raw)
+                if method == "classic":
+                    results[i] = self.paste(item["object"], item["background"], item.get("box"), mask=item.get("mask"),
+                                            seed=item.get("seed"), options=opts, region=shared.get("region", "box"),
+                                            margin=shared.get("margin"))
+                    continue
+                start = time.perf_counter()
+                seed = _seed(item.get("seed"))
+                bg, ob, region_box, region_mask = self._one_region(item, shared)
+                prep = self._prepare(bg.rgb, ob, region_box, region_mask, seed, opts)
+                prepared[i] = (bg, prep, seed, time.perf_counter() - start)
+            except ComposekitError as exc:
+                results[i] = exc
+        if prepared:
+            rows = sorted(prepared)
+            outs = sample_batch(self.backend, self.scheduler, [prepared[i][1].job for i in rows],
+                                self._sampler_options(opts, callback=shared.get("callback")),
+                                encode_object=self._object_context)
+            for i, out in zip(rows, outs):
+                bg, prep, seed, start_cost = prepared[i]
+                if isinstance(out, ComposekitError):
+                    results[i] = out
+                    continue
+                rgb, changed, timings = self._finish(prep, out, opts)
+                x0, y0, x1, y1 = prep.region_box
+                mask = np.zeros((bg.height, bg.width), bool)
+                mask[y0:y1, x0:x1] = changed
+                timings["total"] = sum(v for k, v in timings.items() if k != "total")
+                results[i] = CompositeResult(image=to_caller_kind(rgb, bg), mask=mask, box=prep.region_box, seed=seed,
+                                             steps=opts.steps, guidance=opts.guidance,
+                                             timings=MappingProxyType(timings), method="generative", seeds=(seed,),
+                                             boxes=(prep.region_box,))
+        return results
+
+    def _one_region(self, item: Mapping[str, Any], shared: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+        """A batch job's background, object and region (as :meth:`paste` works them out for one object)."""
+        bg = load_picture(item["background"], "background")
+        ob = load_picture(item["object"], "object")
+        require_visible(ob.alpha)
+        region_box, region_mask = _region(item.get("mask"), item.get("box"), bg.width, bg.height)
+        if shared.get("region", "box") == "silhouette":
+            if item.get("mask") is not None:
+                raise InputError("region='silhouette' makes the region from the object's alpha; drop the job's mask")
+            margin = shared.get("margin")
+            grow = geometry.default_margin(region_box) if margin is None else int(margin)
+            region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
+        else:
+            _choice_check("region", shared.get("region", "box"), ("box", "silhouette"))
+        return bg, ob, region_box, region_mask
 
     def _object_context(self, pixels: np.ndarray) -> tuple[Any, Any]:
         """The object's (cond, uncond) context, cached for the last few objects (same pixels, same result).
@@ -474,5 +596,38 @@ def _jobs(obj: Any, box: Any, mask: Any) -> tuple[list[Any], list[Any], list[Any
 
 
 MAX_OBJECTS = 64
+
+
+@dataclass
+class _Prepared:
+    """One object's job with what paste-back needs afterwards."""
+
+    rgb: np.ndarray
+    region_box: geometry.Box
+    region_mask: np.ndarray | None
+    window: geometry.Window
+    job: Job
+    seconds: float
+
+
+def _batch_job(raw: Any) -> dict[str, Any]:
+    """A paste_batch job as a dict with object, background, box, mask, seed."""
+    if isinstance(raw, Mapping):
+        unknown = sorted(set(raw) - {"object", "background", "box", "mask", "seed"})
+        if unknown or "object" not in raw or "background" not in raw:
+            raise InputError(f"a batch job needs keys 'object' and 'background' (and 'box' or 'mask', optionally "
+                             f"'seed'); got keys {sorted(raw)}")
+        item = dict(raw)
+    elif isinstance(raw, tuple) and len(raw) in (3, 4):
+        item = dict(zip(("object", "background", "box", "seed"), raw))
+    else:
+        raise InputError(f"a batch job must be a dict or a tuple (object, background, box[, seed]); got "
+                         f"{type(raw).__name__}")
+    if isinstance(item["object"], (list, tuple)):
+        raise InputError("a batch job pastes one object; use paste() for several objects in one image")
+    return item
 _PASTE_DEFAULTS = {name: p.default for name, p in inspect.signature(Compositor.paste).parameters.items()}
+_OPTION_KEYWORDS = ("steps", "guidance", "eta", "context", "feather", "progress", "harmonize", "shadow", "guidance_end",
+                    "decode", "fidelity", "fidelity_factor", "fidelity_steps")
+_BATCH_OPTIONS = set(_OPTION_KEYWORDS) | {"method", "options", "region", "margin", "callback"}
 _GENERATIVE_FIELDS, _CLASSIC_FIELDS = field_names(GenerativeOptions), field_names(ClassicOptions)

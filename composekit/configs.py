@@ -284,6 +284,7 @@ SCHEMAS: dict[str, Schema] = {
         "dims": Field(("object",), True, expect="an object of model dimensions"),
         "precision": Field(("str",), True, lambda v: v in ("fp32", "fp16"), "'fp32' or 'fp16'"),
         "dynamic_spatial": Field(("bool",), expect="true or false"),
+        "max_batch": Field(("int",), False, _int_in(1, 256), "an integer in 1..256"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),

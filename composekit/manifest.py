@@ -27,6 +27,7 @@ __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file
 MANIFEST = "manifest.json"
 FORMAT = "composekit-onnx"
 FORMAT_VERSION = 1
+LEGACY_MAX_BATCH = 2  # exports written before "max_batch" was recorded: U-Net batch 1..4
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -59,9 +60,15 @@ class ExportManifest:
     def dims(self) -> ModelDims:
         return ModelDims.from_dict(self.data["dims"])
 
+    @property
+    def max_batch(self) -> int:
+        """Most composites per batch the export was made for (exports before the field: 2)."""
+        return int(self.data.get("max_batch", LEGACY_MAX_BATCH))
+
     def specs(self) -> dict[str, ComponentSpec]:
         """The component specs the graphs were exported with (what the runtimes bind and check against)."""
-        return component_specs(self.dims, dynamic_spatial=bool(self.data.get("dynamic_spatial")))
+        return component_specs(self.dims, dynamic_spatial=bool(self.data.get("dynamic_spatial")),
+                               max_batch=self.max_batch)
 
     @property
     def precision(self) -> str:

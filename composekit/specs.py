@@ -155,15 +155,17 @@ class ComponentSpec:
         }
 
 
-def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: int = 4) -> dict[str, ComponentSpec]:
+def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: int = 2) -> dict[str, ComponentSpec]:
     """The four component specs for a model of ``dims``.
 
-    With ``dynamic_spatial`` the image side may range over 256..1024 pixels (latent 32..128 for a
-    factor of 8); otherwise it is fixed at ``dims.model_size``.
+    ``max_batch`` is the most composites sampled together: the encoders and decoder take batches of
+    1..max_batch, the U-Net 1..2 x max_batch (guidance doubles its batch). With ``dynamic_spatial``
+    the image side may range over 256..1024 pixels (latent 32..128 for a factor of 8); otherwise it
+    is fixed at ``dims.model_size``.
     """
     m, lat, f = dims.model_size, dims.latent_size, dims.vae_scale_factor
     c, t, d = dims.clip_size, dims.context_tokens, dims.context_dim
-    batch = {"B": (1, 2, max(2, max_batch))}
+    batch = {"B": (1, 2, 2 * max_batch)}
     if dynamic_spatial:
         lo, hi = max(f * 4, m // 2), m * 2
         pix: tuple[Dim, Dim] = ("H", "W")

@@ -37,7 +37,8 @@ def _onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_onnx
 
     manifest = export_onnx(args.model_dir, args.output, precision="fp16" if args.fp16 else "fp32",
-                           dynamic_spatial=args.dynamic_spatial, opset=args.opset, check=not args.no_check,
+                           dynamic_spatial=args.dynamic_spatial, max_batch=args.max_batch, opset=args.opset,
+                           check=not args.no_check,
                            overwrite=args.overwrite)
     print(f"wrote {args.output} ({manifest['precision']}, opset {manifest['opset']})")
     for name, c in manifest["components"].items():
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--fp16", action="store_true", help="export fp16 graphs (default fp32)")
     o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
     o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--max-batch", type=int, default=8,
+                   help="most composites sampled together at run time (paste_batch, serve); U-Net batch up to 2x")
     o.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-torch check")
     o.add_argument("--overwrite", action="store_true")
     o.set_defaults(func=_onnx)

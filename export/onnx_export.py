@@ -39,6 +39,7 @@ __all__ = ["export_onnx"]
 
 logger = logging.getLogger(__name__)
 _TWO_GB = 2 * 1024**3 - 1024**2  # protobuf's hard limit, with a little room
+DEFAULT_MAX_BATCH = 8  # composites per batch the runtimes may sample together (U-Net batch up to 16)
 
 
 def _graphs(backend) -> dict[str, Any]:
@@ -141,6 +142,7 @@ def export_onnx(
     *,
     precision: str = "fp32",
     dynamic_spatial: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
     opset: int = 17,
     check: bool = True,
     overwrite: bool = False,
@@ -170,7 +172,9 @@ def export_onnx(
     dims = ModelDims(model_size=info.model_size, vae_scale_factor=info.vae_scale_factor,
                      latent_channels=info.latent_channels, unet_in_channels=info.unet_in_channels,
                      context_tokens=int(probe.shape[1]), context_dim=int(probe.shape[2]))
-    specs = component_specs(dims, dynamic_spatial=dynamic_spatial)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 256:
+        raise InputError(f"max_batch must be an integer in 1..256, got {max_batch!r}")
+    specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
     graphs = _graphs(backend)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,7 @@ def export_onnx(
                 "precision": precision,
                 "opset": opset,
                 "dynamic_spatial": dynamic_spatial,
+                "max_batch": max_batch,
                 "scheduler": files.configs["scheduler"],
                 "feature_extractor": files.configs["feature_extractor"],
                 "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),

@@ -227,3 +227,42 @@ def test_fidelity_on_onnxruntime(exported, family):
     assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 2
     assert not np.array_equal(np.asarray(b.image), plain)  # the option did something
     np.testing.assert_array_equal(np.asarray(b.image)[~b.mask], np.asarray(bg)[~b.mask])
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_paste_batch_on_onnxruntime(exported, family):
+    # One U-Net call per step for the batch; each job equals its own one-by-one paste on the same backend.
+    _, dst = exported[family]
+    comp = Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu")
+    assert comp.backend.info.max_batch == 8
+    jobs = [dict(object=noise_object(seed=i), background=gradient_background(140 + 20 * i, 100), box=BOX, seed=i)
+            for i in range(3)]
+    jobs.insert(1, dict(object=noise_object(), background=gradient_background(40, 40), box=BOX))
+    calls = []
+    unet = comp.backend.unet
+    comp.backend.unet = lambda sample, t, ctx: calls.append(sample.shape[0]) or unet(sample, t, ctx)
+    try:
+        results = comp.paste_batch(jobs, batch_size=4, steps=2, guidance=3.0)
+    finally:
+        del comp.backend.unet
+    assert calls == [6, 6]  # 3 good jobs x 2 (guidance), one call per step
+    assert isinstance(results[1], InputError)
+    for job, r in zip(jobs, results):
+        if isinstance(r, InputError):
+            continue
+        one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], steps=2, guidance=3.0,
+                         progress=False)
+        assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
+        np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(job["background"])[~r.mask])
+
+
+def test_export_batch_range_is_enforced(tmp_path, tiny_model_dir):
+    from export.onnx_export import export_onnx
+
+    export_onnx(tiny_model_dir, tmp_path / "one", max_batch=1)
+    comp = Compositor.from_pretrained(tmp_path / "one", backend="onnxruntime", device="cpu")
+    assert comp.backend.specs["unet"].ranges["B"] == (1, 2, 2)
+    jobs = [(noise_object(), gradient_background(64, 64), (8, 8, 40, 40))] * 2
+    with pytest.raises(InputError, match="--max-batch 2"):
+        comp.paste_batch(jobs, batch_size=2, steps=1)
+    assert len(comp.paste_batch(jobs, batch_size=1, steps=1)) == 2

@@ -115,8 +115,8 @@ def test_buffers_are_allocated_once_per_shape(engines, fake_trt):
     assert len(bindings) == 1
     backend.unet(sample[:1], 500, context[:1])
     assert len(bindings) == 2
-    with pytest.raises(InputError, match="B=5 .* outside the exported range 1..4"):
-        backend.unet(np.concatenate([sample] * 3)[:5], 500, np.concatenate([context] * 3)[:5])
+    with pytest.raises(InputError, match="B=17 .* outside the exported range 1..16"):  # --max-batch 8 (default)
+        backend.unet(np.concatenate([sample] * 9)[:17], 500, np.concatenate([context] * 9)[:17])
     with pytest.raises(InputError, match="axis 1 must be 9"):
         backend.unet(sample[:, :4], 500, context)
 
@@ -198,3 +198,17 @@ def test_fidelity_on_engines(engines, fake_trt, family):
     ref.paste(obj, bg, BOX, fidelity=0.5, callback=lambda i, t, x: lat_t.append(x), **kw)
     comp.paste(obj, bg, BOX, fidelity=0.5, callback=lambda i, t, x: lat_e.append(x), **kw)
     assert np.abs(lat_t[-1] - lat_e[-1]).max() <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_paste_batch_on_engines(engines, fake_trt, family):
+    _, engine_dir = engines[family]
+    comp = Compositor.from_pretrained(engine_dir, backend="tensorrt")
+    jobs = [dict(object=noise_object(seed=i), background=gradient_background(140, 100 + 10 * i), box=BOX, seed=i)
+            for i in range(3)]
+    results = comp.paste_batch(jobs, batch_size=3, steps=2, guidance_end=0.5)
+    for job, r in zip(jobs, results):
+        one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], steps=2, guidance_end=0.5,
+                         progress=False)
+        assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
+        np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(job["background"])[~r.mask])

@@ -59,12 +59,15 @@ class ModelInfo:
     unet_in_channels: int  # 9 (latent + masked latent + mask) or 4 (plain SD U-Net)
     source: str  # where the model was loaded from
     any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
+    max_batch: int | None = None  # most composites per batch (exports: fixed at export; None = no limit)
 
     @classmethod
-    def from_dims(cls, family: str, dims: Any, source: str) -> "ModelInfo":
-        """From an export's :class:`~composekit.specs.ModelDims` (exported decoders have a fixed size)."""
-        return cls(family=family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
-                   latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source)
+    def from_manifest(cls, manifest: Any, source: str) -> "ModelInfo":
+        """From an export's manifest (exported decoders have a fixed size; batches are bounded)."""
+        dims = manifest.dims
+        return cls(family=manifest.family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
+                   latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source,
+                   max_batch=manifest.max_batch)
 
 
 @runtime_checkable

@@ -181,7 +181,7 @@ class OnnxRuntimeBackend:
             check_graph_io(self.sessions[name], self.specs[name], manifest.precision, path)
         self.providers = self.sessions["unet"].get_providers()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(manifest.root))
+        self.info = ModelInfo.from_manifest(manifest, str(manifest.root))
 
     def describe(self) -> str:
         binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""

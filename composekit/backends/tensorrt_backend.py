@@ -89,7 +89,7 @@ class TensorRTBackend:
                 )
             self.engines[name] = engine
             self.dtypes[name] = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
-        self.info = ModelInfo.from_dims(manifest.family, manifest.dims, str(root))
+        self.info = ModelInfo.from_manifest(manifest, str(root))
         self._local = threading.local()
         self._lock = threading.Lock()
         self.contexts_created = 0
