@@ -232,6 +232,36 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return EXIT_INPUT if failed else EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart)
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"composekit serve needs {exc.name!r}: install the serve extra (from a checkout: "
+            "`pip install '.[serve]'`)") from None
+    from .serve import ServeSettings, run
+
+    key = args.api_key or os.environ.get("COMPOSEKIT_API_KEY") or None
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+                             queue_size=args.queue_size, timeout_s=args.timeout, api_key=key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"composekit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
+              "use it", file=sys.stderr)
+    comp = _compositor(args)
+
+    def ready(port: int) -> None:
+        what = f"model {args.model}" if args.model else "classic method (no model)"
+        print(f"composekit serve: listening on http://{args.host}:{port} ({what}, max batch {args.max_batch})",
+              file=sys.stderr, flush=True)
+
+    run(comp, settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+        on_ready=ready)
+    return EXIT_OK
+
+
 def _cmd_make_model(args: argparse.Namespace) -> int:
     from .random_models import make_random_model
 
@@ -409,9 +439,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20, help="DDIM steps for --generative (default 20)")
     d.set_defaults(func=_cmd_demo)
 
+    s = sub.add_parser("serve", help="serve one model over HTTP (POST /v1/paste; needs the serve extra)",
+                       description="Load one model (or none: the classic method) and serve POST /v1/paste, "
+                       "/healthz, /readyz, /metrics and OpenAPI docs. Binds 127.0.0.1 unless --host says otherwise.",
+                       epilog="example:\n  composekit serve --model ./tiny-model --port 8000\n"
+                       "  curl -F object=@cup.png -F background=@table.jpg -F box=120,80,360,400 -F seed=0 "
+                       "http://127.0.0.1:8000/v1/paste -o out.png",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arguments(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /healthz (or COMPOSEKIT_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=1,
+                   help="composite up to N requests together (default 1: off; responses equal the Python API's)")
+    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
+    s.add_argument("--queue-size", type=int, default=32, help="waiting requests before 503 (default 32)")
+    s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    s.set_defaults(func=_cmd_serve)
+
     e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_env)
+    for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps `composekit -v CMD` working
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log what composekit does (to stderr)")
     return parser
 
 

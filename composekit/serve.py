@@ -1,0 +1,518 @@
+"""``composekit serve``: one model behind a small HTTP API (FastAPI + uvicorn), with micro-batching.
+
+Endpoints (all but ``/healthz`` need ``Authorization: Bearer KEY`` when an API key is set):
+
+- ``POST /v1/paste`` — multipart form: files ``object``, ``background``, optional ``mask``; fields
+  ``box`` ("x0,y0,x1,y1"), ``seed``, ``method``, ``steps``, ``guidance``, ``guidance_end``, ``eta``,
+  ``context``, ``feather``, ``decode``, ``fidelity``, ``region``, ``margin``, ``harmonize``,
+  ``shadow``. Answers the composite as ``image/png`` (``image/jpeg`` or ``image/webp`` when the
+  ``Accept`` header asks), with ``X-Composekit-Seed``, ``-Box``, ``-Method``, ``-Steps``, ``-Timings``
+  (JSON) and ``-Batch-Size`` headers. Errors are JSON ``{"error": {"type", "message"}}``: 400 a
+  malformed form, 401 no or wrong key, 413 too large (upload or pixels), 415 not an image composekit
+  reads, 422 values composekit refuses (the message says what to change), 503 queue full or
+  shutting down (``Retry-After``), 504 over the per-request timeout.
+- ``GET /healthz`` (alive), ``GET /readyz`` (model loaded, not draining), ``GET /metrics``
+  (Prometheus text: requests by status, latency histogram, queue depth, batch sizes), and FastAPI's
+  OpenAPI schema and docs (``/openapi.json``, ``/docs``).
+
+How requests run: a bounded queue feeds one worker thread, which owns the model. With
+``max_batch=1`` (the default) each request is one :meth:`Compositor.paste` call — the same call,
+the same thread settings and so the same bytes as the Python API. With ``max_batch > 1`` the worker
+takes the first queued request, waits up to ``max_wait_ms`` for more with the same options, and runs
+them through :meth:`Compositor.paste_batch` (results within its tolerance of one-by-one calls).
+
+No request can name a file or a model: images arrive as uploads and are decoded from bytes with
+composekit's own limits; the model is fixed when the server starts. The server binds 127.0.0.1
+unless told otherwise. On SIGTERM it stops taking requests (503), finishes those in flight, and exits.
+
+Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, prometheus-client).
+"""
+
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ComposekitError, InputError
+
+__all__ = ["ServeSettings", "create_app", "run"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+_NUMBERS = {"steps": int, "seed": int, "feather": int, "margin": int, "guidance": float, "guidance_end": float,
+            "eta": float, "context": float, "fidelity": float, "harmonize": float, "shadow": float}
+_TEXT = ("method", "decode", "region")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The server's limits and batching, validated when made."""
+
+    max_batch: int = 1  # composites run together; 1 = no micro-batching (responses equal the Python API's)
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_upload_mb: float = 20.0  # request body limit
+    queue_size: int = 32  # requests waiting beyond this get 503
+    timeout_s: float = 600.0  # per request, queueing included
+    api_key: str | None = None  # when set, every endpoint but /healthz needs "Authorization: Bearer <key>"
+
+    def __post_init__(self) -> None:
+        checks = (("max_batch", 1, 256), ("max_wait_ms", 0, 60_000), ("max_upload_mb", 0.001, 4096),
+                  ("queue_size", 1, 100_000), ("timeout_s", 0.001, 86_400))
+        for name, lo, hi in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise InputError(f"--{name.replace('_', '-')} must be a number in {lo}..{hi}, got {value!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
+            raise InputError("the API key must be a string of at least 8 characters")
+
+
+# -- the worker --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One request's composite, waiting for the worker."""
+
+    images: dict[str, bytes]
+    box: tuple[int, int, int, int] | None
+    seed: int | None
+    options: dict[str, Any]
+    future: Future = field(default_factory=Future)
+    batch_size: int = 1
+
+    @property
+    def key(self) -> str:
+        """Requests with equal keys can share a batch (same options)."""
+        return json.dumps(self.options, sort_keys=True)
+
+
+class _Worker:
+    """One thread that owns the model and runs queued jobs, batching those with equal options."""
+
+    def __init__(self, compositor: Any, settings: ServeSettings, metrics: "_Metrics") -> None:
+        self.compositor, self.settings, self.metrics = compositor, settings, metrics
+        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.queue_size)
+        self.pending: list[_Job] = []  # taken from the queue but waiting for a batch with their options
+        self.thread = threading.Thread(target=self._loop, name="composekit-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: _Job) -> Future:
+        self.queue.put_nowait(job)  # raises queue.Full
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return job.future
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then end the thread."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _next(self, block: bool, timeout: float | None = None) -> _Job | None | str:
+        if self.pending:
+            return self.pending.pop(0)
+        try:
+            return self.queue.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return "empty"
+
+    def _loop(self) -> None:
+        stopping = False
+        while True:
+            first = self._next(block=not stopping)
+            if first is None:
+                stopping = True
+                continue
+            if first == "empty":
+                return  # stopping and nothing left
+            batch = [first]
+            if self.settings.max_batch > 1 and first.options.get("method") != "classic":
+                deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
+                while len(batch) < self.settings.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        more = self.queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    (batch if more.key == first.key else self.pending).append(more)
+            self.metrics.queue_depth.set(self.queue.qsize() + len(self.pending))
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        # Jobs whose request timed out (their future was cancelled) are dropped before any work.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        self.metrics.batch_size.observe(len(batch))
+        comp = self.compositor
+        try:
+            if len(batch) == 1:
+                job = batch[0]
+                results: list[Any] = [comp.paste(job.images["object"], job.images["background"], job.box,
+                                                 mask=job.images.get("mask"), seed=job.seed, progress=False,
+                                                 **job.options)]
+            else:
+                options = dict(batch[0].options)
+                shared = {k: options.pop(k) for k in ("region", "margin") if k in options}
+                jobs = [{"object": j.images["object"], "background": j.images["background"], "box": j.box,
+                         "mask": j.images.get("mask"), "seed": j.seed} for j in batch]
+                results = comp.paste_batch(jobs, batch_size=len(batch), **options, **shared)
+        except BaseException as exc:  # a whole-batch failure (bad options, a bug): every job gets it
+            results = [exc] * len(batch)
+        for job, result in zip(batch, results):
+            job.batch_size = len(batch)
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("composekit_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("composekit_request_seconds", "Time to answer POST /v1/paste",
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+                                 registry=self.registry)
+        self.queue_depth = Gauge("composekit_queue_depth", "Composites waiting for the worker",
+                                 registry=self.registry)
+        self.batch_size = Histogram("composekit_batch_size", "Composites run together",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+
+    def text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- the application ----------------------------------------------------------------------------------
+
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Pure-ASGI front: draining (503), API key (401) and the body size limit (413) before the app runs."""
+
+    def __init__(self, app: Any, state: Any, settings: ServeSettings) -> None:
+        self.app, self.state, self.settings = app, state, settings
+        self.limit = int(settings.max_upload_mb * 1024 * 1024)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        early = None
+        if path != "/healthz" and self.state.draining:
+            early = _error(503, "ShuttingDown", "the server is shutting down; retry on another instance",
+                           {"Retry-After": "5"})
+        elif path != "/healthz" and self.settings.api_key is not None:
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.settings.api_key.encode()):
+                early = _error(401, "Unauthorized", "send the API key as 'Authorization: Bearer <key>'",
+                               {"WWW-Authenticate": "Bearer"})
+        if early is None and headers.get("content-length", "").isdigit() and int(headers["content-length"]) > self.limit:
+            early = _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
+                           f"{self.settings.max_upload_mb:g} MB; send smaller images")
+        if early is not None:
+            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(early.status_code)).inc()
+            await early(scope, receive, send)
+            return
+        seen = 0
+        over = False
+        started = False
+
+        async def counted_receive() -> dict:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over:
+                return  # the app's answer to a truncated body is replaced by 413 below
+            started = True
+            await send(message)
+
+        self.state.inflight += 1
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _BodyTooLarge:
+            over = True
+        finally:
+            self.state.inflight -= 1
+        if over and not started:
+            self.state.metrics.requests.labels("/v1/paste", "413").inc()
+            await _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
+                         f"{self.settings.max_upload_mb:g} MB; send smaller images")(scope, receive, send)
+
+
+_ENDPOINTS = ("/v1/paste", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+
+
+def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None or text == "":
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise _BadRequest(f"box must be four integers 'x0,y0,x1,y1', got {text!r}") from None
+    if len(values) != 4:
+        raise _BadRequest(f"box must be four integers 'x0,y0,x1,y1', got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _status_for(exc: ComposekitError) -> tuple[int, str]:
+    """HTTP status for a composekit error raised while handling a request."""
+    from .errors import BackendUnavailableError, ModelError, NumericalError
+
+    text = str(exc)
+    if isinstance(exc, InputError):
+        if "over the limit" in text and "pixels" in text:
+            return 413, "ImageTooLarge"
+        if "not a readable image" in text or "must be a PIL image" in text:
+            return 415, "UnsupportedImage"
+        return 422, "InvalidInput"
+    if isinstance(exc, NumericalError):
+        return 500, "NumericalError"
+    if isinstance(exc, BackendUnavailableError):
+        return 503, "BackendUnavailable"
+    if isinstance(exc, ModelError):
+        return 500, "ModelError"
+    return 500, type(exc).__name__
+
+
+def create_app(compositor: Any, settings: ServeSettings | None = None) -> Any:
+    """The ASGI application for ``compositor`` (the :class:`_Guard` in front of a FastAPI app)."""
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    from . import __version__
+    from .images import load_picture
+
+    settings = settings or ServeSettings()
+
+    class State:
+        draining = False
+        inflight = 0  # requests inside the app (not counting those answered by the guard)
+        metrics = _Metrics()
+        worker: _Worker | None = None
+
+    state = State()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        state.worker = _Worker(compositor, settings, state.metrics)
+        yield
+        state.draining = True
+        await asyncio.get_running_loop().run_in_executor(None, state.worker.stop, settings.timeout_s)
+
+    api = FastAPI(title="composekit", version=__version__, lifespan=lifespan,
+                  description="Generative object compositing with an exact-background guarantee.")
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                             for e in exc.errors())
+        state.metrics.requests.labels(request.url.path if request.url.path in _ENDPOINTS else "other", "400").inc()
+        return _error(400, "BadRequest", f"malformed request: {problems}. Send a multipart form with files 'object' "
+                      "and 'background' and a field 'box' (x0,y0,x1,y1)")
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        state.metrics.requests.labels("/healthz", "200").inc()
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> Response:
+        ready = state.worker is not None and state.worker.thread.is_alive() and not state.draining
+        state.metrics.requests.labels("/readyz", "200" if ready else "503").inc()
+        if not ready:
+            return _error(503, "NotReady", "the model is not loaded or the server is shutting down")
+        backend = compositor.backend
+        return JSONResponse({"status": "ready", "method": "generative" if backend is not None else "classic",
+                             "model": backend.info.source if backend is not None else None,
+                             "backend": backend.name if backend is not None else None,
+                             "max_batch": settings.max_batch})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.text()
+        state.metrics.requests.labels("/metrics", "200").inc()
+        return Response(body, media_type=content_type)
+
+    @api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
+    async def paste(request: Request, object: UploadFile = File(...), background: UploadFile = File(...),  # noqa: A002
+                    mask: UploadFile | None = File(None), box: str | None = Form(None), seed: str | None = Form(None),
+                    method: str | None = Form(None), steps: str | None = Form(None), guidance: str | None = Form(None),
+                    guidance_end: str | None = Form(None), eta: str | None = Form(None),
+                    context: str | None = Form(None), feather: str | None = Form(None),
+                    decode: str | None = Form(None), fidelity: str | None = Form(None),
+                    region: str | None = Form(None), margin: str | None = Form(None),
+                    harmonize: str | None = Form(None), shadow: str | None = Form(None)) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await _paste(request, object, background, mask, box, seed, dict(
+                method=method, steps=steps, guidance=guidance, guidance_end=guidance_end, eta=eta, context=context,
+                feather=feather, decode=decode, fidelity=fidelity, region=region, margin=margin, harmonize=harmonize,
+                shadow=shadow))
+            status = response.status_code
+            return response
+        finally:
+            state.metrics.requests.labels("/v1/paste", str(status)).inc()
+            state.metrics.latency.observe(time.perf_counter() - start)
+
+    async def _paste(request: Any, object_file: Any, background_file: Any, mask_file: Any, box_text: str | None,
+                     seed_text: str | None, raw: dict[str, str | None]) -> Response:
+        try:
+            box = _parse_box(box_text)
+            seed = _NUMBERS["seed"](seed_text) if seed_text not in (None, "") else None
+            options: dict[str, Any] = {}
+            for name, text in raw.items():
+                if text in (None, ""):
+                    continue
+                if name in _TEXT:
+                    options[name] = text
+                else:
+                    try:
+                        options[name] = _NUMBERS[name](text)
+                    except ValueError:
+                        raise _BadRequest(f"{name} must be {'an integer' if _NUMBERS[name] is int else 'a number'}, "
+                                          f"got {text!r}") from None
+        except _BadRequest as exc:
+            return _error(400, "BadRequest", str(exc))
+        except ValueError:
+            return _error(400, "BadRequest", f"seed must be a non-negative integer, got {seed_text!r}")
+        images = {"object": await object_file.read(), "background": await background_file.read()}
+        if mask_file is not None:
+            images["mask"] = await mask_file.read()
+        try:
+            for name, data in images.items():  # decode here: 415/413 for the upload, before queueing
+                load_picture(data, name)
+        except InputError as exc:
+            code, kind = _status_for(exc)
+            return _error(code, kind, str(exc))
+        if box is None and "mask" not in images:
+            return _error(400, "BadRequest", "give a field 'box' (x0,y0,x1,y1) or a file 'mask'")
+        job = _Job(images, box, seed, options)
+        try:
+            future = state.worker.submit(job)
+        except queue.Full:
+            return _error(503, "QueueFull", f"{settings.queue_size} composites are already waiting; retry shortly",
+                          {"Retry-After": "1"})
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, "Timeout", f"the composite took longer than the server's {settings.timeout_s:g} s "
+                          "timeout; use fewer steps or retry later")
+        except ComposekitError as exc:
+            code, kind = _status_for(exc)
+            return _error(code, kind, str(exc))
+        media = _negotiate(request.headers.get("accept", ""))
+        buf = io.BytesIO()
+        image = result.image
+        if FORMATS[media] == "JPEG" and image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")  # JPEG has no alpha channel
+        image.save(buf, format=FORMATS[media])
+        headers = {"X-Composekit-Seed": str(result.seed), "X-Composekit-Box": ",".join(map(str, result.box)),
+                   "X-Composekit-Method": result.method, "X-Composekit-Steps": str(result.steps),
+                   "X-Composekit-Timings": json.dumps({k: round(v, 6) for k, v in result.timings.items()},
+                                                      separators=(",", ":")),
+                   "X-Composekit-Batch-Size": str(job.batch_size)}
+        return Response(buf.getvalue(), media_type=media, headers=headers)
+
+    return _Guard(api, state, settings)
+
+
+def _negotiate(accept: str) -> str:
+    """The first image type of ours the Accept header names (by order and q), else PNG."""
+    best, best_q = "image/png", -1.0
+    for i, part in enumerate(accept.split(",")):
+        kind, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if kind in FORMATS and q > best_q:
+            best, best_q = kind, q
+    return best
+
+
+def run(compositor: Any, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+        log_level: str = "warning", on_ready: Any = None) -> None:
+    """Serve until SIGTERM/SIGINT: new requests then get 503 while those in flight finish."""
+    import uvicorn
+
+    app = create_app(compositor, settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if app.state.draining:  # a second signal: stop now
+                super().handle_exit(sig, frame)
+                return
+            # Drain: new requests get 503 while the listener stays open; once those in flight have
+            # finished (or the request timeout has passed), uvicorn shuts down as usual.
+            app.state.draining = True
+            deadline = time.monotonic() + settings.timeout_s
+
+            def wait_then_exit() -> None:
+                while app.state.inflight > 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                uvicorn.Server.handle_exit(self, sig, frame)
+
+            threading.Thread(target=wait_then_exit, name="composekit-drain", daemon=True).start()
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if on_ready is not None and self.started:
+                bound = [s.getsockname() for srv in self.servers for s in srv.sockets]
+                on_ready(bound[0][1] if bound else port)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(
+        settings.timeout_s), lifespan="on")
+    Server(config).run()

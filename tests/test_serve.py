@@ -1,0 +1,253 @@
+"""`composekit serve` as a real process on 127.0.0.1 (a free port), spoken to over HTTP.
+
+Traffic goes only to 127.0.0.1, bounded in count (at most 64 requests per load test) and time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from composekit import Compositor
+from conftest import gradient_background, noise_object
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+KEY = "test-key-0123456789"
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+BG = _png(gradient_background(120, 90))
+OBJ = _png(noise_object())
+BOX = "10,10,60,70"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(*args, env=None):
+    """Start `composekit serve` on a free loopback port; yield (base url, process); stop it afterwards."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "composekit", "serve", "--port", str(port), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(120):
+            raise AssertionError(f"server did not start: {''.join(lines)}")
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def form(fields: dict, files: dict) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for k, v in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, data in files.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.bin"\r\n'
+                  f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def call(url: str, path: str, fields=None, files=None, headers=None, method=None, timeout=120):
+    """(status, headers, body) of one request; HTTP errors are returned, not raised."""
+    data, ctype = form(fields or {}, files or {}) if (fields or files) else (None, None)
+    hdrs = dict(headers or {})
+    if ctype:
+        hdrs["Content-Type"] = ctype
+    req = urllib.request.Request(url + path, data=data, headers=hdrs, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def paste(url, seed, steps=2, headers=None, **extra):
+    fields = {"box": BOX, "seed": seed, "steps": steps, **extra}
+    return call(url, "/v1/paste", fields, {"object": OBJ, "background": BG}, headers)
+
+
+def _array(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def _load(url, n, clients, expected, tolerance=0, **extra):
+    """n requests from `clients` threads, seeds i % 8; every answer 200 and equal (within tolerance) to direct."""
+    def one(i):
+        return i, paste(url, i % 8, **extra)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(one, range(n)))
+    sizes = []
+    for i, (status, headers, body) in answers:
+        assert status == 200, body[:300]
+        assert headers["x-composekit-seed"] == str(i % 8) if "x-composekit-seed" in headers else True
+        diff = np.abs(_array(body).astype(np.int16) - expected[i % 8].astype(np.int16)).max()
+        assert diff <= tolerance, (i, diff)
+        sizes.append(int(headers.get("x-composekit-batch-size", 1)))
+    return sizes
+
+
+def _expected(comp, steps=2, **kw):
+    return {s: np.asarray(comp.paste(OBJ, BG, tuple(map(int, BOX.split(","))), seed=s, steps=steps, progress=False,
+                                     **kw).image) for s in range(8)}
+
+
+def test_load_tiny_model_bit_identical_to_the_python_api(tiny_model_dir):
+    expected = _expected(Compositor.from_pretrained(tiny_model_dir, device="cpu"))
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, _):
+        sizes = _load(url, 64, 8, expected)
+        assert set(sizes) == {1}  # micro-batching is off by default
+        status, _, body = call(url, "/metrics")
+        text = body.decode()
+        assert 'composekit_requests_total{endpoint="/v1/paste",status="200"} 64.0' in text
+        assert "composekit_request_seconds_count 64.0" in text and "composekit_queue_depth" in text
+        status, headers, body = paste(url, 1, headers={"Accept": "image/webp;q=0.9, image/jpeg"})
+        assert status == 200 and headers["content-type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+
+
+def test_load_classic_method_bit_identical():
+    expected = {s: np.asarray(Compositor().paste(OBJ, BG, tuple(map(int, BOX.split(","))), seed=s).image)
+                for s in range(8)}
+    with serving() as (url, _):
+        _load(url, 64, 8, expected, steps="")
+        status, _, body = call(url, "/readyz")
+        assert status == 200 and json.loads(body)["method"] == "classic"
+        status, _, body = paste(url, 0, method="generative")  # no model on this server
+        assert status == 422 and b"no model" in body
+
+
+def test_micro_batching_within_paste_batch_tolerance(tiny_model_dir):
+    expected = _expected(Compositor.from_pretrained(tiny_model_dir, device="cpu"))
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--max-batch", 4, "--max-wait-ms", 300) as (url, _):
+        sizes = _load(url, 32, 8, expected, tolerance=1)
+        assert max(sizes) > 1  # requests were composited together
+        _, _, body = call(url, "/metrics")
+        assert "composekit_batch_size_count" in body.decode()
+
+
+def _header_only_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+MALFORMED = [
+    ("missing background", {"box": BOX}, {"object": OBJ}, 400, "background"),
+    ("box of three numbers", {"box": "1,2,3"}, None, 400, "four integers"),
+    ("steps not a number", {"box": BOX, "steps": "many"}, None, 400, "steps must be an integer"),
+    ("no box and no mask", {}, None, 400, "box"),
+    ("box outside", {"box": "10,10,600,70"}, None, 422, "outside"),
+    ("steps zero", {"box": BOX, "steps": "0"}, None, 422, "steps"),
+    ("unknown method", {"box": BOX, "method": "magic"}, None, 422, "method"),
+    ("fidelity too high", {"box": BOX, "fidelity": "7"}, None, 422, "fidelity"),
+    ("not an image", {"box": BOX}, {"object": b"%PDF-1.4 hello", "background": BG}, 415, "not a readable image"),
+    ("pixel bomb", {"box": BOX}, {"object": OBJ, "background": _header_only_png(40_000, 40_000)}, 413, "pixels"),
+    ("a path instead of a file", {"box": BOX, "object": "/etc/hostname"}, {"background": BG}, 400, "object"),
+    ("upload over the limit", {"box": BOX}, {"object": OBJ, "background": b"\0" * (2 * 1024 * 1024)}, 413,
+     "max-upload-mb"),
+]
+
+
+def test_malformed_requests_and_the_api_key(tiny_model_dir):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--max-upload-mb", 1, env={"COMPOSEKIT_API_KEY": KEY}) \
+            as (url, _):
+        for name, fields, files, code, text in MALFORMED:
+            files = {"object": OBJ, "background": BG} if files is None else files
+            status, headers, body = call(url, "/v1/paste", fields, files, auth)
+            assert status == code, (name, status, body[:300])
+            error = json.loads(body)["error"]
+            assert text in error["message"] and error["type"], (name, error)
+        # A field naming a model or a path on the server does nothing: the server's model answers.
+        status, headers, _ = paste(url, 0, headers=auth, model="/etc", backend="onnxruntime")
+        assert status == 200 and headers["x-composekit-method"] == "generative"
+        assert call(url, "/healthz")[0] == 200  # still healthy after all of that
+        # The key: every endpoint but /healthz.
+        for path in ("/readyz", "/metrics", "/docs", "/openapi.json"):
+            assert call(url, path)[0] == 401, path
+            assert call(url, path, headers={"Authorization": "Bearer wrong-key-000"})[0] == 401, path
+            assert call(url, path, headers=auth)[0] == 200, path
+        status, headers, body = paste(url, 0)
+        assert status == 401 and headers.get("www-authenticate") == "Bearer"
+        spec = json.loads(call(url, "/openapi.json", headers=auth)[2])
+        assert "/v1/paste" in spec["paths"]
+
+
+def test_queue_limit_and_timeout(tiny_model_dir):
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--queue-size", 1, "--timeout", 1) as (url, _):
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: paste(url, i, steps=150), range(6)))
+        codes = sorted(a[0] for a in answers)
+        assert 503 in codes, codes  # queue full
+        full = next(a for a in answers if a[0] == 503)
+        assert full[1].get("retry-after") and json.loads(full[2])["error"]["type"] == "QueueFull"
+        assert 504 in codes, codes  # over the 1 s timeout
+        time.sleep(5)  # the running composite finishes; the queued one, timed out, is dropped unrun
+        assert paste(url, 0)[0] == 200
+
+
+def test_sigterm_drains_in_flight_requests(tiny_model_dir):
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, proc):
+        result = {}
+        slow = threading.Thread(target=lambda: result.setdefault("answer", paste(url, 3, steps=250)))
+        slow.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = paste(url, 1, timeout=10) if proc.poll() is None else None
+        slow.join(120)
+        assert result["answer"][0] == 200  # the in-flight request finished
+        assert late is not None and late[0] == 503  # the listener stays open while draining: 503, not refused
+        assert json.loads(late[2])["error"]["type"] == "ShuttingDown"
+        # uvicorn re-raises the signal once it has shut down gracefully, so the status is -SIGTERM.
+        assert proc.wait(60) in (0, -signal.SIGTERM)
