@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measure(f"composekit-torch-{dtype}{suffix}",
                 Compositor.from_pretrained(model_dir, device=device, dtype=dtype, **VARIANTS[variant]))
     if args.onnx:
-        from export.onnx_export import export_onnx
+        from composekit_export.onnx_export import export_onnx
 
         onnx_dir = cache / f"pbe-{args.size}-onnx"
         if not (onnx_dir / "manifest.json").exists():

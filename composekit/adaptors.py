@@ -7,7 +7,7 @@ Two kinds, picked by the config's ``kind``:
   tokens, a final layer norm and a ``1024 -> 768`` projection: context ``(B, 257, 768)``. The blocks
   are the same as Paint by Example's mapper (diffusers' ``BasicTransformerBlock``), so the original
   checkpoint's ``resblocks`` map onto them one to one.
-- ``"conv1d"`` — the paper's design (``method.md``): a 1D convolution over the token axis
+- ``"conv1d"`` — the paper's design (ObjectStitch's content adaptor): a 1D convolution over the token axis
   ``257 -> 77``, ``num_blocks`` attention blocks, a layer norm and an MLP ``1024 -> 768``: context
   ``(B, 77, 768)``, shaped like SD's text tokens. No public weights exist for it.
 

@@ -17,21 +17,17 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from .errors import BackendUnavailableError, ComposekitError, InputError, ModelError
-from .files import save_image_atomic
+from . import __version__
+from .errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
+from .files import IMAGE_FORMATS, check_output_path, save_image_atomic
+from .images import ALLOWED_FORMATS
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, EXIT_BACKEND = 0, 1, 2, 3, 4
-
-
-def _version() -> str:
-    try:
-        return metadata.version("composekit")
-    except metadata.PackageNotFoundError:
-        return "0.0.0+unknown"
 
 
 def _parse_box(text: str) -> tuple[int, int, int, int]:
@@ -95,6 +91,11 @@ def _method_options(args: argparse.Namespace):
 
 
 def _cmd_paste(args: argparse.Namespace) -> int:
+    if args.output == "-" and sys.stdout.isatty():
+        raise InputError(f"refusing to write {args.format} bytes to a terminal; redirect standard output "
+                         "(`> out.png`) or give -o FILE")
+    if args.output != "-":
+        check_output_path(args.output)  # before minutes of work, not after
     used: list[bool] = []
     objects = [_read_input(o, used) for o in args.object]
     background = _read_input(args.background, used)
@@ -121,7 +122,7 @@ def _cmd_paste(args: argparse.Namespace) -> int:
         options=options,
     )
     if to_stdout:
-        result.image.save(sys.stdout.buffer, format=args.format)
+        result.image.save(sys.stdout.buffer, format=args.format)  # checked not to be a terminal before the work
         sys.stdout.buffer.flush()
     else:
         save_image_atomic(result.image, args.output)
@@ -147,7 +148,7 @@ def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, in
     """(background, box, output) for every background in the inputs and every box for it."""
     from .images import ALLOWED_FORMATS
 
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+    suffixes = set(IMAGE_FORMATS)
     backgrounds: list[Path] = []
     for item in map(Path, args.inputs):
         if item.is_dir():
@@ -244,6 +245,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "`pip install '.[serve]'`)") from None
     from .serve import ServeSettings, run
 
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    import socket
+
+    try:  # fail now, not after loading the model, if the address cannot be bound
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port "
+                         "or --host") from None
     key = args.api_key or os.environ.get("COMPOSEKIT_API_KEY") or None
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              queue_size=args.queue_size, timeout_s=args.timeout, api_key=key)
@@ -288,7 +300,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    info: dict[str, object] = {"composekit": _version(), "python": sys.version.split()[0],
+    info: dict[str, object] = {"composekit": __version__, "python": sys.version.split()[0],
                                "platform": platform.platform()}
     for pkg in ("numpy", "pillow", "huggingface_hub", "safetensors", "torch", "diffusers", "transformers",
                 "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cupy-cuda12x", "cupy-cuda13x"):
@@ -341,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  composekit env",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"composekit {_version()}")
+    parser.add_argument("--version", action="version", version=f"composekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what composekit does (to stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -357,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat once per object")
     p.add_argument("-o", "--output", required=True,
                    help="output image file (.png, .jpg, .webp, ...), or - for standard output")
-    p.add_argument("--format", default="PNG", choices=["PNG", "JPEG", "WEBP", "BMP", "TIFF"],
+    p.add_argument("--format", default="PNG", choices=list(ALLOWED_FORMATS),
                    help="image format when writing to standard output (default PNG)")
     _model_arguments(p)
     p.add_argument("--method", choices=["generative", "classic"], default=None,
@@ -468,9 +480,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _negative_boxes(argv: list[str]) -> list[str]:
+    """``--box -10,0,50,50``: argparse would read ``-10,...`` as an option; join it to its flag."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--box" and i + 1 < len(argv) and re.match(r"^-\d", argv[i + 1]):
+            out.append(f"--box={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_boxes(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
@@ -490,23 +516,42 @@ def run_command(args: argparse.Namespace, prog: str, extra: str) -> int:
     try:
         return args.func(args)
     except InputError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_INPUT
     except ModelError as exc:
-        print(f"{prog}: model error: {exc}", file=sys.stderr)
+        print(f"{prog}: model error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_MODEL
     except BackendUnavailableError as exc:
-        print(f"{prog}: unavailable: {exc}", file=sys.stderr)
+        print(f"{prog}: unavailable: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_BACKEND
     except ComposekitError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {cli_words(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except ModuleNotFoundError as exc:
-        print(f"{prog}: this needs {exc.name!r}, which is not installed: "
-              f"`pip install torch==2.13.0 && pip install 'composekit[{extra}]'`", file=sys.stderr)
+        print(f"{prog}: this needs {exc.name!r}, which is not installed; {install_hint(extra)}", file=sys.stderr)
         return EXIT_BACKEND
     except BrokenPipeError:  # e.g. `composekit env | head`
         return EXIT_OK
+    except OSError as exc:  # an unreadable or unwritable path the checks above did not foresee
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{prog}: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+# Python keyword arguments in library messages, and the flags that set them on the command line.
+_FLAGS = ("device", "dtype", "backend", "decode", "method", "region", "steps", "overwrite", "fidelity", "margin",
+          "feather", "context", "guidance_end", "batch_size", "local_files_only")
+
+
+def cli_words(message: str) -> str:
+    """A library message in command-line words: ``device='cpu'`` -> ``--device cpu``, ``overwrite=True``
+    -> ``--overwrite``, ``decode='window'`` -> ``--decode window``, ``local_files_only`` -> ``--offline``."""
+    def flag(name: str) -> str:
+        return "--offline" if name == "local_files_only" else "--" + name.replace("_", "-")
+
+    pattern = r"\b(" + "|".join(_FLAGS) + r")=(True|'([^']*)'|(\d[\d.]*))"
+    return re.sub(pattern, lambda m: flag(m.group(1)) if m.group(2) == "True"
+                  else f"{flag(m.group(1))} {m.group(3) if m.group(3) is not None else m.group(4)}", message)
 
 
 if __name__ == "__main__":  # pragma: no cover

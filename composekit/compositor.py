@@ -1,4 +1,4 @@
-"""The public entry point: :class:`Compositor` and its result, :class:`CompositeResult`."""
+"""The public entry point: [`Compositor`][composekit.Compositor] and its result, [`CompositeResult`][composekit.CompositeResult]."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ _CONTEXT_CACHE_SIZE = 8  # objects whose encoded context is kept between calls
 
 @dataclass(frozen=True)
 class CompositeResult:
-    """What :meth:`Compositor.paste` returns.
+    """What [`Compositor.paste`][composekit.Compositor.paste] returns.
 
     Attributes:
         image: the composite, in the background's kind (PIL in -> PIL out, numpy in -> numpy out;
@@ -102,7 +102,7 @@ def _region(mask: Any, box: Any, width: int, height: int) -> tuple[geometry.Box,
 class Compositor:
     """Generative object compositing with an exact-background guarantee.
 
-    Build one with :meth:`from_pretrained` and call :meth:`paste`. A ``Compositor`` holds the loaded
+    Build one with [`from_pretrained`][composekit.Compositor.from_pretrained] and call [`paste`][composekit.Compositor.paste]. A ``Compositor`` holds the loaded
     model and no per-call state, so one instance can serve several threads.
     """
 
@@ -110,7 +110,7 @@ class Compositor:
                  preprocessor: ClipPreprocessor | None = None,
                  backdrop: tuple[int, int, int] = (255, 255, 255)) -> None:
         """``Compositor()`` with no model is the weights-free ``classic`` compositor; use
-        :meth:`from_pretrained` for the generative one."""
+        [`from_pretrained`][composekit.Compositor.from_pretrained] for the generative one."""
         self.backend = backend
         self.scheduler = scheduler
         self.preprocessor = preprocessor
@@ -148,7 +148,7 @@ class Compositor:
                 -> onnxruntime, a diffusers model -> torch; the choice is logged), or one of those names,
                 which always wins.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when torch sees a GPU.
-                Asking for a GPU that is not there raises :class:`BackendUnavailableError`.
+                Asking for a GPU that is not there raises [`BackendUnavailableError`][composekit.errors.BackendUnavailableError].
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.
             revision: Hub branch, tag or commit.
             local_files_only: never touch the network (also set by ``HF_HUB_OFFLINE=1``).
@@ -255,8 +255,8 @@ class Compositor:
             margin: Silhouette growth in pixels; None = 1/8 of the box's shorter side (at least 2).
             harmonize: Classic method: colour-transfer strength, 0..1.
             shadow: Classic method: contact-shadow darkness, 0..1.
-            options: A :class:`~composekit.options.GenerativeOptions` or
-                :class:`~composekit.options.ClassicOptions` instead of the keyword options above
+            options: A [`GenerativeOptions`][composekit.options.GenerativeOptions] or
+                [`ClassicOptions`][composekit.options.ClassicOptions] instead of the keyword options above
                 (not both).
 
         Returns:
@@ -426,17 +426,17 @@ class Compositor:
 
         Each job is a mapping with keys ``object``, ``background`` and ``box`` and/or ``mask``, and
         optionally ``seed`` (drawn when absent), or a tuple ``(object, background, box)`` /
-        ``(object, background, box, seed)``. ``options`` are :meth:`paste`'s keyword options (``steps``,
+        ``(object, background, box, seed)``. ``options`` are [`paste`][composekit.Compositor.paste]'s keyword options (``steps``,
         ``guidance``, ``fidelity``, ``region``, ..., or ``options=``), shared by every job; ``progress``
         defaults to False here, and ``callback(step, timestep, latents)`` sees each batch's latents
         ``(B, 4, h, w)`` (the jobs that reached the sampler, in order).
 
         Up to ``batch_size`` jobs run as one batch: one object-encoder and one VAE-encoder call for all of
         them, one U-Net call per step (``2 x batch_size`` rows with guidance), one decode. Each result
-        equals the same job's :meth:`paste` with the same seed up to the runtime's rounding at another
+        equals the same job's [`paste`][composekit.Compositor.paste] with the same seed up to the runtime's rounding at another
         batch size (tested: latents within 1e-5 in fp32, images within 1/255; the background is
         bit-identical). A job that fails — a bad image, a box outside its background, NaN in its
-        latents — is returned as its :class:`ComposekitError` in its place; the others are unaffected.
+        latents — is returned as its [`ComposekitError`][composekit.errors.ComposekitError] in its place; the others are unaffected.
         Every result's ``timings`` are its batch's stage times.
 
         Exported models and engines take batches up to the size they were exported for
@@ -445,7 +445,7 @@ class Compositor:
         return list(self.paste_stream(jobs, batch_size=batch_size, **options))
 
     def paste_stream(self, jobs: Iterable[Any], *, batch_size: int = 4, **options: Any) -> Iterator[Any]:
-        """:meth:`paste_batch` as an iterator: jobs are read lazily and results come out as each batch
+        """[`paste_batch`][composekit.Compositor.paste_batch] as an iterator: jobs are read lazily and results come out as each batch
         finishes, so memory is bounded by ``batch_size`` whatever the number of jobs."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= 256:
             raise InputError(f"batch_size must be an integer in 1..256, got {batch_size!r}")
@@ -511,7 +511,7 @@ class Compositor:
         return results
 
     def _one_region(self, item: Mapping[str, Any], shared: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
-        """A batch job's background, object and region (as :meth:`paste` works them out for one object)."""
+        """A batch job's background, object and region (as [`paste`][composekit.Compositor.paste] works them out for one object)."""
         bg = load_picture(item["background"], "background")
         ob = load_picture(item["object"], "object")
         require_visible(ob.alpha)

@@ -1,6 +1,6 @@
 """The first run: real example photographs, composited at once, offline, with no model weights.
 
-With scikit-image installed (``pip install "composekit[examples]"``) the demo pastes the espresso cup
+With scikit-image installed (the ``examples`` extra) the demo pastes the espresso cup
 of scikit-image's ``coffee`` photograph (cut out with an elliptical alpha around its saucer) onto the
 table beside the shuttle model in its ``astronaut`` photograph. Without scikit-image it falls back
 to procedural images. ``generative=True`` also runs the generative method with a tiny random model
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .errors import InputError
 
 __all__ = ["demo_images", "run_demo", "DEMO_BOX"]
 
@@ -62,7 +64,12 @@ def run_demo(out_dir: str | Path, *, generative: bool = False, steps: int = 20, 
     from .files import save_image_atomic
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"cannot write the demo into {out}: it is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {out}: {exc.strerror or exc}; choose a writable folder") from None
     background, obj, _ = demo_images()
     paths = {"background": out / "background.png", "object": out / "object.png", "classic": out / "classic.png"}
     save_image_atomic(background, paths["background"])

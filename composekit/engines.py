@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendUnavailableError, EngineIncompatibleError, ModelError
+from .errors import BackendUnavailableError, EngineIncompatibleError, ModelError, install_hint
 from .files import atomic_file
 from .configs import SCHEMAS, check, inside, read_json, regular_file
 from .manifest import ExportManifest, check_manifest_data, sha256_file
@@ -161,7 +161,7 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
             from cuda import cudart  # older cuda-python
         except ImportError as exc:
             raise BackendUnavailableError(
-                "reading the GPU's identity needs cuda-python: `pip install 'composekit[trt]'`") from exc
+                f"reading the GPU's identity needs cuda-python; {install_hint('trt')}") from exc
     err, props = cudart.cudaGetDeviceProperties(device)
     if int(err) != 0:
         raise BackendUnavailableError(f"CUDA could not describe GPU {device} (error {err}); is a GPU visible?")

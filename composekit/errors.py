@@ -1,12 +1,13 @@
 """composekit's exception hierarchy.
 
-Every error composekit raises on purpose derives from :class:`ComposekitError`. Messages say what
+Every error composekit raises on purpose derives from [`ComposekitError`][composekit.errors.ComposekitError]. Messages say what
 was wrong, what was expected, and how to fix it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "install_hint",
     "ComposekitError",
     "InputError",
     "ModelError",
@@ -48,3 +49,20 @@ class EngineIncompatibleError(ComposekitError):
 
 class NumericalError(ComposekitError, ArithmeticError):
     """Non-finite values (NaN/inf) appeared during sampling or decoding."""
+
+
+# The CPU build of PyTorch the project is developed and tested with; on a GPU machine install the CUDA
+# build you want first (see the GPU page of the docs).
+TORCH_PIN = "torch==2.13.0"
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of composekit's extras, for error messages (composekit is installed from a
+    checkout or a wheel built from one, not from a package index)."""
+    if extra == "gpu":
+        return ("ONNX Runtime's GPU package replaces the CPU one: `pip uninstall -y onnxruntime && pip install "
+                "onnxruntime-gpu` (the GPU page of the docs says which build matches CUDA 12 or 13)")
+    first = f"`pip install {TORCH_PIN}` (or the CUDA build you want) first, then " if extra in ("torch", "export") \
+        else ""
+    return (f"{first}install the {extra} extra: `pip install \".[{extra}]\"` in a composekit checkout, or "
+            f"`pip install \"composekit-VERSION-py3-none-any.whl[{extra}]\"` with a wheel built from one")

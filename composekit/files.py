@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from .errors import InputError
 
-__all__ = ["IMAGE_FORMATS", "atomic_file", "save_image_atomic", "atomic_directory"]
+__all__ = ["IMAGE_FORMATS", "atomic_file", "save_image_atomic", "atomic_directory", "check_output_path"]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
@@ -25,8 +25,13 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     On any failure the temporary file is removed and ``path`` keeps its old content (or stays absent).
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    if out.is_dir():
+        raise InputError(f"cannot write {out}: it is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}; choose a writable location") from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -37,9 +42,26 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an image output path that cannot be written, before any work is done: a folder, an unknown
+    extension, or a location whose nearest existing folder is not a writable folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"cannot write {out}: it is a folder; give a file name such as {out / 'out.png'}")
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise InputError(f"output {out} has an unknown extension; use one of {sorted(IMAGE_FORMATS)}")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "not a folder" if not parent.is_dir() else "not writable"
+        raise InputError(f"cannot write {out}: {parent} is {what}; choose a writable location")
+    return out
+
+
 def save_image_atomic(image, path: str | os.PathLike) -> Path:
     """Save a PIL image so that ``path`` holds either its old content or the whole new image."""
-    out = Path(path)
+    out = check_output_path(path)
     fmt = IMAGE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise InputError(f"output {out} has an unknown extension; use one of {sorted(IMAGE_FORMATS)}")
@@ -58,8 +80,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise InputError(f"cannot create {out}: {exc.strerror or exc}; choose a writable location") from None
     try:
         os.chmod(tmp, 0o755)
         yield tmp

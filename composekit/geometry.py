@@ -1,7 +1,7 @@
 """Where the model looks and where its output may land.
 
 1. :func:`validate_box` checks the caller's box against the background.
-2. :func:`plan_window` picks a square context window around the box (``method.md``: the model sees
+2. :func:`plan_window` picks a square context window around the box (as ObjectStitch crops around the object: the model sees
    a window around the object, not the whole background) and its scale to the model's size.
 3. :func:`crop_window` cuts that window out (edge-padding where it leaves the background) and
    resizes it to the model's size; :func:`model_hole` is the model-space mask, aligned to the

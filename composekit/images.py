@@ -34,7 +34,9 @@ from .errors import InputError
 
 __all__ = ["ALLOWED_FORMATS", "MAX_PIXELS", "Picture", "load_picture", "to_caller_kind", "set_max_pixels"]
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+from .files import IMAGE_FORMATS
+
+ALLOWED_FORMATS = tuple(dict.fromkeys(IMAGE_FORMATS.values()))  # ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 # Decoded images larger than this are refused (see set_max_pixels). The default is Pillow's own
 # decompression-bomb threshold, 89,478,485 pixels (e.g. 9459 x 9459); Pillow additionally refuses
 # anything over twice its PIL.Image.MAX_IMAGE_PIXELS, so raise that too for larger images.
@@ -78,6 +80,8 @@ def _open(data: Any, what: str) -> Image.Image:
         stream, label = io.BytesIO(bytes(data)), f"{what} bytes"
     else:
         path = os.fspath(data)
+        if os.path.isdir(path):
+            raise InputError(f"{what} {path!r} is a folder; pass an image file")
         if not os.path.isfile(path):
             raise InputError(f"{what} file not found: {path!r}; pass an existing image file, PIL image or array")
         stream, label = open(path, "rb"), f"{what} file {path!r}"

@@ -100,7 +100,7 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None, lo
             "`composekit make-model tiny DIR`."
         )
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # (huggingface_hub.errors only exists from 0.25 on)
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,

@@ -1,10 +1,10 @@
-"""The options of :meth:`Compositor.paste`, as two small validated types (checked here and nowhere else).
+"""The options of [`Compositor.paste`][composekit.Compositor.paste], as two small validated types (checked here and nowhere else).
 
-- :class:`GenerativeOptions`: the model's sampler (steps, guidance, cut-off, decode mode), the
-  context window and soft edge, and **fidelity control** (masked ILVR, see :mod:`composekit.sampler`).
-- :class:`ClassicOptions`: the weights-free method (colour transfer, contact shadow, soft edge).
+- [`GenerativeOptions`][composekit.options.GenerativeOptions]: the model's sampler (steps, guidance, cut-off, decode mode), the
+  context window and soft edge, and **fidelity control** (masked ILVR, see `composekit.sampler`).
+- [`ClassicOptions`][composekit.options.ClassicOptions]: the weights-free method (colour transfer, contact shadow, soft edge).
 
-Both are frozen dataclasses whose ``__post_init__`` raises :class:`~composekit.errors.InputError`
+Both are frozen dataclasses whose ``__post_init__`` raises [`InputError`][composekit.errors.InputError]
 naming the option, the value and what is allowed. ``Compositor.paste`` builds them from its keyword
 arguments; the CLI builds them from its flags; a caller may also build one and pass ``options=``.
 """
@@ -73,7 +73,7 @@ class GenerativeOptions:
         feather: soft-edge width inside the region in pixels (None = 1/16 of the box's shorter side).
         fidelity: 0..1, how closely the region keeps the pasted object's own appearance (masked ILVR;
             0 = off, the plain sampler bit for bit; 1 = the naive paste, re-encoded). Maps to a
-            low-pass factor and a fraction of steps, see :func:`fidelity_schedule`.
+            low-pass factor and a fraction of steps, see [`fidelity_schedule`][composekit.options.fidelity_schedule].
         fidelity_factor: expert override of the low-pass factor ``N`` in latent cells (1..64).
         fidelity_steps: expert override of the fraction of steps the guidance runs for (0..1).
         progress: show a tqdm progress bar.
@@ -122,7 +122,7 @@ class GenerativeOptions:
 def fidelity_schedule(fidelity: float) -> tuple[int, float]:
     """``fidelity`` (0..1) -> (low-pass factor ``N`` in latent cells, fraction of steps guided).
 
-    The fraction is ``fidelity`` itself; ``N`` halves from :data:`FIDELITY_MAX_FACTOR` (16 cells,
+    The fraction is ``fidelity`` itself; ``N`` halves from `FIDELITY_MAX_FACTOR` (16 cells,
     128 pixels at SD's scale: only the coarsest colour and layout are kept) down to 1 (every
     frequency) as fidelity goes from 0 to 1: 0.25 -> (8, 0.25), 0.5 -> (4, 0.5), 0.75 -> (2, 0.75),
     1 -> (1, 1.0). Larger ``N`` and fewer steps leave the model more freedom (harmony); smaller
@@ -135,7 +135,7 @@ def fidelity_schedule(fidelity: float) -> tuple[int, float]:
 
 @dataclass(frozen=True)
 class ClassicOptions:
-    """How the weights-free method composites (see :mod:`composekit.classic`).
+    """How the weights-free method composites (see `composekit.classic`).
 
     Attributes:
         harmonize: colour-transfer strength, 0..1.

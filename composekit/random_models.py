@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendUnavailableError, InputError
+from .errors import BackendUnavailableError, InputError, install_hint
 
 __all__ = ["SIZES", "FAMILIES", "make_random_model", "component_configs", "model_index"]
 
@@ -31,15 +31,13 @@ logger = logging.getLogger(__name__)
 SIZES = ("tiny", "full")
 FAMILIES = ("paint_by_example", "objectstitch")
 
-_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-)
+def _scheduler_config() -> dict:
+    """SD 1.x's schedule (composekit's DDIMScheduler defaults), as the PNDM config Paint by Example ships."""
+    from .scheduler import DDIMScheduler
+
+    sd = DDIMScheduler()
+    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "set_alpha_to_one", "steps_offset")
+    return {**{k: getattr(sd, k) for k in keys}, "skip_prk_steps": True}
 
 
 def component_configs(size: str) -> dict[str, dict[str, Any]]:
@@ -106,11 +104,11 @@ def make_random_model(
     try:
         import torch
         from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionConfig, CLIPVisionModel
     except ImportError as exc:
         raise BackendUnavailableError(
             f"building random models needs PyTorch, diffusers and transformers ({exc.name} is missing): "
-            "`pip install torch==2.13.0 && pip install 'composekit[torch]'`"
+            f"{install_hint('torch')}"
         ) from exc
 
     from .adaptors import KINDS, ContentAdaptor
@@ -130,6 +128,10 @@ def make_random_model(
     torch.manual_seed(seed)
     with quiet_loading(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' torchvision-fallback notice, not actionable here
+        # Imported here, under quiet_loading: transformers warns at import that torchvision is absent
+        # (it then uses its PIL processor, which is all composekit needs).
+        from transformers import CLIPImageProcessor
+
         processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
     clip_config = CLIPVisionConfig(**configs["clip"])
     components: dict[str, Any] = {}
@@ -146,7 +148,7 @@ def make_random_model(
         latent = configs["vae"]["latent_channels"]
         vae.quant_conv.weight[latent:] = 0.0
         vae.quant_conv.bias[latent:] = -30.0
-    components.update(vae=vae, scheduler=PNDMScheduler(**_SCHEDULER), feature_extractor=processor)
+    components.update(vae=vae, scheduler=PNDMScheduler(**_scheduler_config()), feature_extractor=processor)
     out = write_model_dir(out_dir, components, model_index(family, adaptor if family == "objectstitch" else None),
                           overwrite=overwrite)
     n = sum(p.numel() for m in components.values() if hasattr(m, "parameters") for p in m.parameters())

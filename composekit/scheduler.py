@@ -5,7 +5,7 @@ the beta parameters are shared). The arithmetic of :meth:`DDIMScheduler.step` us
 /`` and ``.clip``, so it runs unchanged on numpy arrays and on framework tensors (torch, CuPy):
 the sampler keeps latents on the device while the scalars come from here.
 
-Equations (``method.md``, "DDIM, for reference"), with ``a_t = alphas_cumprod[t]``::
+Equations (DDIM, Song et al. 2021, as the docs' concepts page states them), with ``a_t = alphas_cumprod[t]``::
 
     x0_hat  = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
     x_{t-1} = sqrt(a_{t-1}) * x0_hat + sqrt(1 - a_{t-1} - sigma^2) * eps + sigma * z

@@ -48,7 +48,7 @@ __all__ = ["ServeSettings", "create_app", "run"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}  # what responses may be encoded as
 _NUMBERS = {"steps": int, "seed": int, "feather": int, "margin": int, "guidance": float, "guidance_end": float,
             "eta": float, "context": float, "fidelity": float, "harmonize": float, "shadow": float}
 _TEXT = ("method", "decode", "region")

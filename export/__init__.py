@@ -1,4 +1,5 @@
-"""composekit's export toolchain: checkpoint converters (and, later, ONNX / TensorRT exporters).
+"""composekit's export toolchain: ONNX export, TensorRT engines and checkpoint converters.
 
-Needs the ``export`` extra (torch, diffusers, transformers). Run ``composekit-export --help``.
+Installed as ``composekit_export`` (the repository folder is ``export/``). Needs the ``export`` extra
+(torch, diffusers, transformers, onnx, onnxruntime). Run ``composekit-export --help``.
 """

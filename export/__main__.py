@@ -1,4 +1,4 @@
-"""``python -m export`` runs ``composekit-export``."""
+"""``python -m composekit_export`` runs ``composekit-export``."""
 
 import sys
 

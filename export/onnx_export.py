@@ -32,7 +32,7 @@ import numpy as np
 
 from composekit.errors import InputError
 from composekit.files import atomic_directory
-from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest_data, sha256_file
 from composekit.specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
 
 __all__ = ["export_onnx"]
@@ -225,6 +225,8 @@ def export_onnx(
                              "transformers": transformers.__version__},
                 "components": components,
             }
+            # The writer and the readers share one schema: what is written here must read back.
+            check_manifest_data(manifest, str(tmp / MANIFEST), "this is a bug in the exporter; please report it")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from composekit.engines import ENGINES, EngineSidecar, gpu_identity, write_sidecar
-from composekit.errors import BackendUnavailableError, InputError, ModelError
+from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.files import atomic_directory, atomic_file
 from composekit.manifest import read_manifest, sha256_file
 from composekit.specs import COMPONENT_NAMES, ComponentSpec
@@ -41,7 +41,7 @@ def _tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            "building engines needs TensorRT (`pip install 'composekit[trt]'`) and an NVIDIA GPU; "
+            f"building engines needs TensorRT ({install_hint('trt')}) and an NVIDIA GPU; "
             "neither is needed for the ONNX Runtime backend"
         ) from exc
     return trt

@@ -128,7 +128,7 @@ class Context:
 
 def build_fake_engines(onnx_dir, out, compile_engine=None):
     """An engine directory whose "engines" are the export's ONNX bytes, with real sidecars (for the tests)."""
-    from export.tensorrt_build import write_engine_dir
+    from composekit_export.tensorrt_build import write_engine_dir
 
     return write_engine_dir(
         onnx_dir, out, compile_engine or (lambda name, path, spec: path.read_bytes()),

@@ -91,7 +91,7 @@ def test_missing_or_foreign_sidecar(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_build_without_tensorrt_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "export", "tensorrt", tmp_path, tmp_path / "engines"],
+    proc = subprocess.run([sys.executable, "-m", "composekit_export", "tensorrt", tmp_path, tmp_path / "engines"],
                           capture_output=True, text=True)
     assert proc.returncode == 4 and "needs TensorRT" in proc.stderr
 
@@ -104,8 +104,8 @@ def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: 
     from composekit import Compositor
     from composekit.engines import gpu_identity
     from conftest import gradient_background, noise_object
-    from export.onnx_export import export_onnx
-    from export.tensorrt_build import build_engines
+    from composekit_export.onnx_export import export_onnx
+    from composekit_export.tensorrt_build import build_engines
 
     export_onnx(tiny_model_dir, tmp_path / "onnx")
     engines = build_engines(tmp_path / "onnx", tmp_path / "engines", timing_cache=tmp_path / "cache")
@@ -129,7 +129,7 @@ def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: 
 def test_networks_are_strongly_typed_on_tensorrt_10_and_11():
     from types import SimpleNamespace
 
-    from export.tensorrt_build import _network_flags
+    from composekit_export.tensorrt_build import _network_flags
 
     flags = SimpleNamespace(STRONGLY_TYPED=5)
     assert _network_flags(SimpleNamespace(__version__="10.3.0", NetworkDefinitionCreationFlag=flags)) == 1 << 5

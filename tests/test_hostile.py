@@ -284,7 +284,7 @@ pytest.importorskip("onnx")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("hostile-onnx") / "export"
     export_onnx(tiny_model_dir, out)

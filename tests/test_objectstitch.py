@@ -50,7 +50,7 @@ def test_full_size_shapes():
 
 
 def test_adaptor_param_command_matches_docs():
-    out = subprocess.run([sys.executable, "-m", "export", "adaptor-params"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "composekit_export", "adaptor-params"], capture_output=True, text=True,
                          check=True).stdout
     rows = json.loads(out)
     assert rows["mapper"]["context"] == [257, 768] and rows["conv1d"]["context"] == [77, 768]
@@ -178,7 +178,7 @@ def bcmi_checkpoint(tmp_path_factory):
 
 
 def test_converter_output_loads_composites_and_matches_the_original(bcmi_checkpoint, tmp_path):
-    from export.convert_objectstitch import convert_objectstitch
+    from composekit_export.convert_objectstitch import convert_objectstitch
 
     out = tmp_path / "converted"
     report = convert_objectstitch(bcmi_checkpoint["path"], bcmi_checkpoint["clip"], out, size="tiny")
@@ -207,7 +207,7 @@ def test_converter_output_loads_composites_and_matches_the_original(bcmi_checkpo
 
 
 def test_converter_names_a_missing_key(bcmi_checkpoint, tmp_path):
-    from export.convert_objectstitch import convert_objectstitch
+    from composekit_export.convert_objectstitch import convert_objectstitch
 
     for dropped, expected in (("cond_stage_model.mapper.resblocks.1.ln_2.bias", "norm3"),
                               ("model.diffusion_model.out.2.bias", "out.2.bias")):
@@ -221,7 +221,7 @@ def test_converter_names_a_missing_key(bcmi_checkpoint, tmp_path):
 
 
 def test_converter_refuses_unsafe_pickles(bcmi_checkpoint, tmp_path):
-    from export.convert_objectstitch import convert_objectstitch
+    from composekit_export.convert_objectstitch import convert_objectstitch
 
     path = tmp_path / "unsafe.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1.0)}, path)
@@ -232,11 +232,11 @@ def test_converter_refuses_unsafe_pickles(bcmi_checkpoint, tmp_path):
 
 def test_converter_cli(bcmi_checkpoint, tmp_path):
     out = tmp_path / "cli-out"
-    proc = subprocess.run([sys.executable, "-m", "export", "convert-objectstitch", bcmi_checkpoint["path"],
+    proc = subprocess.run([sys.executable, "-m", "composekit_export", "convert-objectstitch", bcmi_checkpoint["path"],
                            bcmi_checkpoint["clip"], out, "--size", "tiny"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "UNMAPPED (1)" in proc.stdout and (out / "adaptor" / "config.json").exists()
-    proc = subprocess.run([sys.executable, "-m", "export", "convert-objectstitch", tmp_path / "nope.pth",
+    proc = subprocess.run([sys.executable, "-m", "composekit_export", "convert-objectstitch", tmp_path / "nope.pth",
                            bcmi_checkpoint["clip"], tmp_path / "x"], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 

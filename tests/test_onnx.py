@@ -23,7 +23,7 @@ BOX = (20, 10, 100, 80)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
@@ -60,7 +60,7 @@ def test_manifest_describes_what_the_runtime_uses(exported):
 
 
 def test_export_survives_deleting_the_source_and_does_not_import_torch(exported, tmp_path, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     src = tmp_path / "src"
     shutil.copytree(tiny_model_dir, src)
@@ -83,7 +83,7 @@ def test_export_survives_deleting_the_source_and_does_not_import_torch(exported,
 
 
 def test_fp16_graphs_load_and_run(tmp_path, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     manifest = export_onnx(tiny_model_dir, tmp_path / "fp16", precision="fp16")
     errors = {k: v["max_abs_error_vs_torch"] for k, v in manifest["components"].items()}
@@ -167,7 +167,7 @@ def test_provider_and_option_errors(exported, tiny_model_dir):
 
 
 def test_failed_export_leaves_no_directory(tiny_model_dir, tmp_path, monkeypatch):
-    import export.onnx_export as ox
+    import composekit_export.onnx_export as ox
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
@@ -179,7 +179,7 @@ def test_failed_export_leaves_no_directory(tiny_model_dir, tmp_path, monkeypatch
 
 
 def test_export_cli(tiny_model_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "export", "onnx", tiny_model_dir, tmp_path / "cli"],
+    proc = subprocess.run([sys.executable, "-m", "composekit_export", "onnx", tiny_model_dir, tmp_path / "cli"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "unet" in proc.stdout and "max |onnxruntime - torch|" in proc.stdout
@@ -257,7 +257,7 @@ def test_paste_batch_on_onnxruntime(exported, family):
 
 
 def test_export_batch_range_is_enforced(tmp_path, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     export_onnx(tiny_model_dir, tmp_path / "one", max_batch=1)
     comp = Compositor.from_pretrained(tmp_path / "one", backend="onnxruntime", device="cpu")

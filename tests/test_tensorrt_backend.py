@@ -42,7 +42,7 @@ def fake_trt(monkeypatch):
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, tiny_model_dir):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("trt")
     os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="mapper", seed=5)
@@ -143,7 +143,7 @@ def test_stale_or_tampered_engines_say_how_to_rebuild(engines, fake_trt, tmp_pat
 
 
 def test_engine_with_the_wrong_tensors_is_refused(tiny_model_dir, fake_trt, tmp_path):
-    from export.onnx_export import export_onnx
+    from composekit_export.onnx_export import export_onnx
 
     export_onnx(tiny_model_dir, tmp_path / "onnx")
     swap = {"vae_decoder": "vae_encoder.onnx"}
@@ -173,7 +173,7 @@ def test_option_and_environment_errors(engines, tiny_model_dir):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_missing_tensorrt_is_a_clear_error(engines):
     _, engine_dir = engines["paint_by_example"]
-    with pytest.raises(BackendUnavailableError, match=r"pip install 'composekit\[trt\]'"):
+    with pytest.raises(BackendUnavailableError, match=r'pip install "\.\[trt\]"'):
         Compositor.from_pretrained(engine_dir, backend="auto")
 
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError, InputError, install_hint
 from ..engines import is_engine_dir
 from ..manifest import is_export_dir
 from .base import Backend, ModelInfo
@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 # name -> (module, loader function, the pip extra that provides it)
 BACKENDS: dict[str, tuple[str, str, str]] = {
-    "torch": ("composekit.backends.torch_backend", "load", "composekit[torch]"),
-    "onnxruntime": ("composekit.backends.onnxruntime_backend", "load", "composekit[onnx]"),
-    "tensorrt": ("composekit.backends.tensorrt_backend", "load", "composekit[trt]"),
+    "torch": ("composekit.backends.torch_backend", "load", "torch"),
+    "onnxruntime": ("composekit.backends.onnxruntime_backend", "load", "onnx"),
+    "tensorrt": ("composekit.backends.tensorrt_backend", "load", "trt"),
 }
 
 
@@ -59,8 +59,7 @@ def load_backend(name: str, model_dir: Path, **options: Any) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"backend {name!r} needs a package that is not installed ({exc.name or exc}); "
-            f"install it with `pip install '{extra}'`"
+            f"backend {name!r} needs a package that is not installed ({exc.name or exc}); {install_hint(extra)}"
         ) from exc
     loader = getattr(module, func)
     accepted = set(inspect.signature(loader).parameters) - {"model_dir"}

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError, InputError, install_hint
 
 __all__ = ["ArrayModule"]
 
@@ -42,7 +42,7 @@ class ArrayModule:
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"device {device!r} keeps arrays on the GPU with CuPy, which is not installed; "
-                "`pip install 'composekit[trt]'` (or cupy-cuda12x / cupy-cuda13x for your CUDA)"
+                f"{install_hint('cuda12')} (the cuda13 extra for CUDA 13)"
             ) from exc
         try:
             cupy.cuda.Device(self.device_id).use()

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..configs import inside
-from ..errors import BackendUnavailableError, InputError, ModelError
+from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..engines import is_engine_dir
 from ..manifest import ExportManifest, is_export_dir, read_manifest
 from ..specs import COMPONENT_NAMES
@@ -67,7 +67,7 @@ def _providers(ort, device: Any, providers: Sequence[Any] | None) -> list[Any]:
         if not gpu:
             raise BackendUnavailableError(
                 f"device {device!r} was requested but onnxruntime offers no GPU provider (available: {available}); "
-                "install onnxruntime-gpu (`pip install 'composekit[gpu]'`) or pass device='cpu'"
+                f"{install_hint('gpu')}, or pass device='cpu'"
             )
         index = int(str(device).split(":")[1]) if ":" in str(device) else 0
         return [(p, {"device_id": index}) for p in gpu] + ["CPUExecutionProvider"]
@@ -106,7 +106,7 @@ def check_external_data(path: Path, root: Path) -> None:
         from onnx.external_data_helper import uses_external_data
     except ImportError as exc:
         raise BackendUnavailableError(
-            "checking an exported graph's external data needs the onnx package: `pip install 'composekit[onnx]'`"
+            f"checking an exported graph's external data needs the onnx package; {install_hint('onnx')}"
         ) from exc
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -255,8 +255,8 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
         import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailableError(
-            "the onnxruntime backend needs onnxruntime: `pip install 'composekit[onnx]'` (CPU) or "
-            "`pip install 'composekit[gpu]'` (CUDA)"
+            f"the onnxruntime backend needs onnxruntime; {install_hint('onnx')} (CPU), or for CUDA: "
+            f"{install_hint('gpu')}"
         ) from exc
     model_dir = Path(model_dir)
     if is_engine_dir(model_dir) and not is_export_dir(model_dir):

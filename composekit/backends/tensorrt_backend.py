@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, read_engine_dir
-from ..errors import BackendUnavailableError, InputError, ModelError
+from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
 from .base import ModelInfo, model_call
@@ -205,7 +205,8 @@ def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]
         import tensorrt as trt
     except ImportError as exc:
         raise BackendUnavailableError(
-            "the tensorrt backend needs TensorRT, cuda-python and CuPy: `pip install 'composekit[trt]'` "
+            f"the tensorrt backend needs TensorRT, cuda-python and CuPy ({install_hint('trt')}; CuPy: the cuda12 or "
+            "cuda13 extra) "
             "(and an NVIDIA GPU); exported ONNX models also run with backend='onnxruntime'"
         ) from exc
     arrays = ArrayModule(f"cuda:{index or 0}")
