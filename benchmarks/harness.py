@@ -109,7 +109,10 @@ def end_to_end(run: Callable[[int], Any], steps: list[int], repeats: int, warmup
 def diffusers_pipeline(model_dir: Path, device: str, dtype: str):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+    try:  # newer diffusers moved it under pipelines/deprecated
+        from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+    except ImportError:
+        from diffusers.pipelines.paint_by_example import PaintByExamplePipeline
     from transformers import CLIPImageProcessor
 
     from composekit.backends.torch_backend import image_encoder_class, quiet_loading

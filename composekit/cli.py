@@ -57,6 +57,7 @@ def _compositor(args: argparse.Namespace):
 
     if args.model is None:
         return Compositor()
+    _apply_threads(args)
     return Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                       local_files_only=args.offline)
 
@@ -336,6 +337,24 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
     p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the torch backend (default: torch's, one per core). On a machine busy with "
+                        "other work, 1 avoids multi-second stalls (see docs/troubleshooting.md)")
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """--threads N: the torch backend's intra-op threads (and OpenMP's, set before torch is imported)."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if not 1 <= n <= 1024:
+        raise InputError(f"--threads must be in 1..1024, got {n}")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch  # process-wide; the exported-model backends have their own thread options
+    except ImportError:
+        return
+    torch.set_num_threads(n)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -216,3 +216,13 @@ def test_library_words_become_flags_and_v_after_the_command(tmp_path):
     proc = run("make-model", "tiny", tmp_path / "m", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and "overwrite=True" not in proc.stderr
     assert "torchvision" not in proc.stderr
+
+
+def test_threads_flag_sets_the_torch_pool(tiny_model_dir, tmp_path):
+    gradient_background(64, 64).save(tmp_path / "bg.png")
+    code = ("import sys, torch\nfrom composekit.cli import main\n"
+            f"rc = main(['paste', {str(tmp_path / 'bg.png')!r}, {str(tmp_path / 'bg.png')!r}, '--box', '0,0,8,8', "
+            f"'-o', {str(tmp_path / 'o.png')!r}, '--model', {str(tiny_model_dir)!r}, '--steps', '1', '--threads', '1', "
+            "'-q'])\nprint(rc, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["0", "1"], out.stderr

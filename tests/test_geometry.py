@@ -131,3 +131,14 @@ def test_paste_back_writes_only_where_alpha_is_positive():
 def test_empty_mask_is_an_input_error():
     with pytest.raises(InputError):
         geometry.mask_to_box(np.zeros((4, 4), bool))
+
+
+def test_out_of_bounds_box_suggests_only_valid_boxes():
+    from composekit import InputError
+    from composekit.geometry import validate_box
+
+    with pytest.raises(InputError, match=r"clip it, e.g. \(600, 10, 640, 100\)"):
+        validate_box((600, 10, 700, 100), 640, 480)
+    with pytest.raises(InputError, match="does not overlap the background") as info:
+        validate_box((700, 10, 800, 100), 640, 480)
+    assert "e.g." not in str(info.value)  # no suggestion of an invalid box such as (700, 10, 640, 100)

@@ -123,6 +123,8 @@ def test_hub_snapshot_in_cache_loads_offline(tiny_model_dir, tmp_path, monkeypat
     (refs / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    # huggingface_hub < 0.25 binds the cache path into the downloader module at import time.
+    monkeypatch.setattr("huggingface_hub._snapshot_download.HF_HUB_CACHE", str(cache), raising=False)
     comp = Compositor.from_pretrained("composekit-tests/tiny", local_files_only=True, device="cpu")
     assert comp.backend.info.source == str(snap)
 
@@ -223,3 +225,19 @@ def test_hub_repo_with_only_pickle_weights_is_explained(tiny_model_dir, tmp_path
                         lambda self, repo, revision=None: ["unet/config.json", "unet/diffusion_pytorch_model.bin"])
     with pytest.raises(UnsafeModelFileError, match=r"only pickle weights for \['unet'\]"):
         Compositor.from_pretrained("someone/pickle-only", device="cpu")
+
+
+def test_clip_weights_in_the_transformers_5_layout(model_copy):
+    """Under transformers 5 the newer layout loads; under 4.x the error says to upgrade (the floors job runs 4.44)."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    path = model_copy / "image_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k.replace("model.vision_model.", "model.", 1): v for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        Compositor.from_pretrained(model_copy, device="cpu")
+    else:
+        with pytest.raises(ModelError, match=r"transformers 5 .*pip install 'transformers>=5'"):
+            Compositor.from_pretrained(model_copy, device="cpu")

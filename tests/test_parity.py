@@ -25,7 +25,10 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+    try:  # newer diffusers moved it under pipelines/deprecated
+        from diffusers.pipelines.deprecated.paint_by_example import PaintByExamplePipeline
+    except ImportError:
+        from diffusers.pipelines.paint_by_example import PaintByExamplePipeline
     from transformers import CLIPImageProcessor
 
     from composekit.backends.torch_backend import image_encoder_class

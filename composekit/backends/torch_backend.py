@@ -144,6 +144,14 @@ def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device
     missing = sorted(info.get("missing_keys", []))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
     if missing:
+        unexpected = set(info.get("unexpected_keys", []))
+        if unexpected and all(k.replace("vision_model.", "", 1) in unexpected for k in missing):
+            import transformers
+
+            raise ModelError(
+                f"{folder}: its CLIP weights use the key layout of transformers 5 (no 'vision_model.' level), which "
+                f"transformers {transformers.__version__} cannot read. Upgrade: `pip install 'transformers>=5'`, or "
+                "rebuild the model with this transformers version (`composekit make-model`)")
         raise ModelError(f"{folder}: {len(missing)} weight(s) missing from the checkpoint, e.g. {missing[:5]}; "
                          "re-download the model")
     if mismatched:
