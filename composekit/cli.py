@@ -235,15 +235,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart)
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"composekit serve needs {exc.name!r}: install the serve extra (from a checkout: "
-            "`pip install '.[serve]'`)") from None
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "multipart", "prometheus_client", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(f"composekit serve needs {', '.join(missing)}; {install_hint('serve')}")
     from .serve import ServeSettings, run
 
     if not 0 <= args.port <= 65535:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import geometry
 from .backends import Backend, choose_backend, load_backend
-from .errors import ComposekitError, InputError, ModelError
+from .errors import ComposekitError, InputError
 from .images import load_picture, to_caller_kind
 from .loading import read_model_dir, resolve_source
 from .engines import is_engine_dir, read_engine_dir
@@ -173,9 +173,7 @@ class Compositor:
         loaded = load_backend(name, root, device=device, dtype=dtype, **backend_options)
         scheduler = DDIMScheduler.from_config(scheduler_cfg)
         preprocessor = ClipPreprocessor.from_config(extractor_cfg)
-        if not (isinstance(backdrop, list) and len(backdrop) == 3 and all(isinstance(v, int) and 0 <= v <= 255
-                                                                        for v in backdrop)):
-            raise ModelError(f"{root}: cutout_backdrop must be [r, g, b] in 0..255, got {backdrop!r}")
+        # cutout_backdrop was checked against its schema when the index or manifest was read (composekit.configs)
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
         return cls(loaded, scheduler, preprocessor, tuple(backdrop))
 

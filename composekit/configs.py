@@ -220,12 +220,13 @@ def _size(v: Any) -> bool:
 
 _DIM = _int_in(1, 16384)
 _RGB = _numbers(3, 0, 255)
+_BACKDROP = Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),
+                  expect="[r, g, b] integers in 0..255")
 
 SCHEMAS: dict[str, Schema] = {
     "model_index": {
         "_class_name": Field(("str",), True, expect="a pipeline class name such as 'PaintByExamplePipeline'"),
-        "cutout_backdrop": Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),
-                                 expect="[r, g, b] integers in 0..255"),
+        "cutout_backdrop": _BACKDROP,
         "adaptor_kind": Field(("str",), expect="'mapper' or 'conv1d'"),
     },
     "unet": {
@@ -287,8 +288,7 @@ SCHEMAS: dict[str, Schema] = {
         "max_batch": Field(("int",), False, _int_in(1, 256), "an integer in 1..256"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
-        "cutout_backdrop": Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),
-                                 expect="[r, g, b] integers in 0..255"),
+        "cutout_backdrop": _BACKDROP,
         "components": Field(("object",), True, expect="an object with one entry per component"),
     },
     "manifest_dims": {

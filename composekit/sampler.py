@@ -164,14 +164,6 @@ def lowpass_matrix(n: int, factor: int) -> np.ndarray:
 
 
 def ilvr_mask(keep: np.ndarray, factor: int) -> np.ndarray:
-    """``M_t``: the hole ``(1, 1, h, w)`` (1 inside), blurred by ``factor // 4`` cells inside the hole only."""
-    hole = 1.0 - keep[0, 0]
-    radius = factor // 4
-    soft = box_blur(hole, radius) if radius > 0 else hole
-    return (np.where(hole > 0.5, soft, 0.0)[None, None]).astype(np.float32)
-
-
-def ilvr_mask(keep: np.ndarray, factor: int) -> np.ndarray:
     """``M_t``: the holes ``(B, 1, h, w)`` (1 inside), blurred by ``factor // 4`` cells inside each hole only."""
     radius = factor // 4
     masks = []

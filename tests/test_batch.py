@@ -82,7 +82,9 @@ def test_batch_on_objectstitch_models(tmp_path_factory, name):
                               unet_channels=4 if name == "plain4" else 9, seed=3)
     comp = Compositor.from_pretrained(model, device="cpu")
     jobs = _jobs(3)
-    results, latents = _batched(comp, jobs, 3, steps=3)
+    jobs.insert(1, dict(object=noise_object(), background=gradient_background(30, 30), box=(0, 0, 40, 40)))
+    results, latents = _batched(comp, jobs, 4, steps=3)
+    assert isinstance(results[1], InputError)
     _check_equal_to_one_by_one(comp, jobs, results, latents, steps=3)
 
 

@@ -435,6 +435,17 @@ def _mutate_json(path: Path, data, key_choice, value, action: str) -> None:
     path.write_text(json.dumps(obj))
 
 
+def _set_or_delete(holder: dict, key: int, value, action: str, label: str) -> None:
+    """Set (to ``value``) or delete the ``key``-th key of ``holder``, in sorted order."""
+    keys = sorted(holder)
+    k = keys[key % len(keys)]
+    if action == "delete":
+        holder.pop(k)
+    else:
+        holder[k] = value
+    event(f"{label}:{action}:{k}")
+
+
 def _file_mutation(path: Path, how: str) -> None:
     raw = path.read_bytes()
     if how == "truncate":
@@ -455,10 +466,13 @@ def _message_kind(message: str) -> str:
     """The message with paths, numbers and quoted values removed: one label per kind of failure."""
     import re
 
-    text = re.sub(r"(/[^\s:;,()']+)+", "PATH", message)
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}", "V", text)
+    text = message.split(";")[0]  # the part before the fix names the failure
+    text = re.sub(r"(/[^\s:;,()']+)+", "PATH", text)
+    text = re.sub(r"\(([^()]*)\)", "", text)  # parenthesised details
+    text = re.sub(r"'[^']*'|\"[^\"]*\"|\[.*\]|\{.*\}|\b(None|True|False)\b", "V", text)
     text = re.sub(r"-?\d[\d.,e+-]*", "N", text)
-    return " ".join(text.split()[:7])
+    text = re.sub(r"\bV\b.*\bexpected\b", "V ... expected", text)
+    return " ".join(text.split()[:6])
 
 
 def _expect_typed(fn) -> str:
@@ -524,13 +538,7 @@ def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, ta
     elif action in ("set", "delete"):
         holder = manifest if target == "manifest" else manifest["dims"] if target == "dims" else \
             manifest["components"][sorted(manifest["components"])[key % 4]]
-        keys = sorted(holder)
-        k = keys[key % len(keys)]
-        if action == "delete":
-            holder.pop(k)
-        else:
-            holder[k] = value
-        event(f"{target}:{action}:{k}")
+        _set_or_delete(holder, key, value, action, target)
         manifest_path.write_text(json.dumps(manifest))
     else:
         _file_mutation(manifest_path, action)
@@ -557,13 +565,7 @@ def test_generated_engine_mutations(export_dir, tmp_path_factory, key, value, ta
     path = {"engines": root / "engines.json", "sidecar": Path(f"{engine}.json"), "engine": engine}[target]
     if action in ("set", "delete") and target != "engine":
         obj = json.loads(path.read_text())
-        keys = sorted(obj)
-        k = keys[key % len(keys)]
-        if action == "delete":
-            obj.pop(k)
-        else:
-            obj[k] = value
-        event(f"{target}:{action}:{k}")
+        _set_or_delete(obj, key, value, action, target)
         path.write_text(json.dumps(obj))
     else:
         _file_mutation(path, action if action not in ("set", "delete") else "garbage")

@@ -206,8 +206,12 @@ def test_paste_batch_on_engines(engines, fake_trt, family):
     comp = Compositor.from_pretrained(engine_dir, backend="tensorrt")
     jobs = [dict(object=noise_object(seed=i), background=gradient_background(140, 100 + 10 * i), box=BOX, seed=i)
             for i in range(3)]
-    results = comp.paste_batch(jobs, batch_size=3, steps=2, guidance_end=0.5)
+    jobs.insert(1, dict(object=noise_object(), background=b"\x89PNG broken", box=BOX))  # fails alone
+    results = comp.paste_batch(jobs, batch_size=4, steps=2, guidance_end=0.5)
+    assert isinstance(results[1], InputError)
     for job, r in zip(jobs, results):
+        if isinstance(r, InputError):
+            continue
         one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], steps=2, guidance_end=0.5,
                          progress=False)
         assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
