@@ -35,3 +35,13 @@ def gradient_background(width: int, height: int) -> Image.Image:
 def noise_object(width: int = 70, height: int = 90, seed: int = 1) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def assert_batch_matches_one_by_one(comp, jobs, results, **options):
+    """Each successful batch result equals the job's own paste (images within 1/255, background exact)."""
+    for job, r in zip(jobs, results):
+        if isinstance(r, Exception):
+            continue
+        one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], progress=False, **options)
+        assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
+        np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(job["background"])[~r.mask])

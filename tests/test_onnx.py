@@ -13,7 +13,7 @@ import pytest
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError
 from composekit.random_models import make_random_model
-from conftest import gradient_background, noise_object
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -247,13 +247,7 @@ def test_paste_batch_on_onnxruntime(exported, family):
         del comp.backend.unet
     assert calls == [6, 6]  # 3 good jobs x 2 (guidance), one call per step
     assert isinstance(results[1], InputError)
-    for job, r in zip(jobs, results):
-        if isinstance(r, InputError):
-            continue
-        one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], steps=2, guidance=3.0,
-                         progress=False)
-        assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
-        np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(job["background"])[~r.mask])
+    assert_batch_matches_one_by_one(comp, jobs, results, steps=2, guidance=3.0)
 
 
 def test_export_batch_range_is_enforced(tmp_path, tiny_model_dir):
