@@ -1,0 +1,94 @@
+"""`composekit batch --ray` on a local Ray cluster (127.0.0.1 only), against the same batch without Ray.
+
+Ray is kept on loopback: node address 127.0.0.1, usage stats off, every proxy variable pointed at a
+closed loopback port, set in the environment of the process that starts Ray (its workers inherit it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import gradient_background, noise_object
+
+pytest.importorskip("ray")
+
+LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                **{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                                     "https_proxy", "all_proxy")}}
+
+
+def cli(*args):
+    env = {**os.environ, **LOOPBACK_ENV}
+    if "--address" in args:
+        env["RAY_AUTH_MODE"] = "token"  # `ray start` clusters use token auth; the client reads ~/.ray/auth_token
+    return subprocess.run([sys.executable, "-m", "composekit", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray cluster for the module (head on 127.0.0.1, 2 CPUs, 200 MB object store)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **LOOPBACK_ENV}
+    start = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--object-store-memory", str(200 * 1024**2), "--include-dashboard",
+                            "false", "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-shots")
+    for i, size in enumerate([(120, 90), (90, 70), (150, 100), (100, 100)]):
+        gradient_background(*size).save(root / f"bg{i}.png")
+    (root / "bg2.png").write_bytes(b"not an image")  # a bad file in the middle
+    noise_object().save(root / "obj.png")
+    return root
+
+
+def _check(shots, tmp_path, extra, ray_flags):
+    backgrounds = [shots / f"bg{i}.png" for i in range(4)]
+    common = ["batch", shots / "obj.png", *backgrounds, "--box", "10,10,60,60", "--batch-size", 2, *extra]
+    plain = cli(*common, "-o", tmp_path / "plain")
+    assert plain.returncode == 2 and "1 FAILED" in plain.stdout, plain.stderr
+    ray_run = cli(*common, "-o", tmp_path / "ray", "--ray", *ray_flags)
+    assert ray_run.returncode == 2 and "1 FAILED" in ray_run.stdout, ray_run.stdout + ray_run.stderr
+    assert "Traceback" not in ray_run.stderr
+    records = [json.loads(line) for line in (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok", "failed", "ok"]
+    assert "not a readable image" in records[2]["error"]
+    assert sorted(p.name for p in (tmp_path / "ray").glob("*.png")) == ["bg0.png", "bg1.png", "bg3.png"]
+    for name in ("bg0.png", "bg1.png", "bg3.png"):  # the same pixels as without Ray
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ray" / name)),
+                                      np.asarray(Image.open(tmp_path / "plain" / name)))
+    # A re-run skips the finished rows and retries the failed one.
+    again = cli(*common, "-o", tmp_path / "ray", "--ray", *ray_flags)
+    records = [json.loads(line) for line in (tmp_path / "ray" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["status"] for r in records) == ["failed", "skipped", "skipped", "skipped"], records
+    assert again.returncode == 2
+    return records
+
+
+def test_classic_batch_on_a_local_ray_started_by_the_command(shots, tmp_path):
+    # Runs before the module's cluster exists: without --address the command starts its own, on 127.0.0.1.
+    _check(shots, tmp_path, [], ["--workers", 2])
+
+
+def test_generative_batch_on_a_cluster_by_address(shots, tmp_path, tiny_model_dir, cluster):
+    records = _check(shots, tmp_path, ["--model", tiny_model_dir, "--steps", 2, "--device", "cpu"],
+                     ["--address", cluster, "--workers", 2])
+    assert all(r["seed"] is None for r in records if r["status"] == "skipped")
