@@ -147,8 +147,6 @@ def _cmd_paste(args: argparse.Namespace) -> int:
 
 def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int, int], Path]]:
     """(background, box, output) for every background in the inputs and every box for it."""
-    from .images import ALLOWED_FORMATS
-
     suffixes = set(IMAGE_FORMATS)
     backgrounds: list[Path] = []
     for item in map(Path, args.inputs):
@@ -186,8 +184,6 @@ def _batch_jobs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, in
 def _cmd_batch(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .errors import ComposekitError
-
     if (args.box is None) == (args.boxes is None):
         raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
     args.batch_bar = True
@@ -207,7 +203,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     stream = comp.paste_stream(({"object": args.object, "background": bg, "box": box, "seed": args.seed}
                                 for bg, box, _ in todo), batch_size=args.batch_size, region=args.region,
                                margin=args.margin, options=options)
-    failed = 0
     bar = tqdm(total=len(todo), desc="composekit batch", disable=args.quiet or args.json)
     for (bg, box, out), result in zip(todo, stream):
         record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
@@ -217,7 +212,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             save_image_atomic(result.image, out)
         except (InputError, OSError) as exc:  # one bad file does not stop the batch; model errors do
             record.update(status="failed", error=str(exc) if isinstance(exc, InputError) else f"{out}: {exc}")
-            failed += 1
             if not args.json:
                 bar.write(f"composekit: {bg}: {record['error']}", file=sys.stderr)
         else:
@@ -226,13 +220,18 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         report.append(record)
         bar.update()
     bar.close()
-    skipped = len(jobs) - len(todo)
-    done = len(todo) - failed
+    return _batch_report(args, report)
+
+
+def _batch_report(args: argparse.Namespace, records: list[dict], where: str = "") -> int:
+    """Print a batch's records (--json) or its summary line; exit status 2 when any record failed."""
+    failed = sum(r["status"] == "failed" for r in records)
+    skipped = sum(r["status"].startswith("skipped") for r in records)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(records, indent=2))
     elif not args.quiet:
         extra = (f", {skipped} skipped (outputs exist)" if skipped else "") + (f", {failed} FAILED" if failed else "")
-        print(f"wrote {done} composite(s) to {args.output}{extra}")
+        print(f"wrote {len(records) - failed - skipped} composite(s) to {args.output}{where}{extra}")
     return EXIT_INPUT if failed else EXIT_OK
 
 
@@ -285,17 +284,10 @@ def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object) -> int:
                         batch_size=args.batch_size, address=args.address, overwrite=args.overwrite,
                         load_options=load if args.model else None, options=options, region=args.region,
                         margin=args.margin)
-    failed = [r for r in records if r["status"] == "failed"]
-    skipped = sum(r["status"] == "skipped" for r in records)
-    for r in failed:
-        print(f"composekit: {r['background']}: {r['error']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(records, indent=2))
-    elif not args.quiet:
-        done = len(records) - len(failed) - skipped
-        extra = (f", {skipped} skipped (outputs exist)" if skipped else "") + (f", {len(failed)} FAILED" if failed else "")
-        print(f"wrote {done} composite(s) to {args.output} on Ray{extra}; manifest: {Path(args.output) / MANIFEST}")
-    return EXIT_INPUT if failed else EXIT_OK
+    for r in records:
+        if r["status"] == "failed":
+            print(f"composekit: {r['background']}: {r['error']}", file=sys.stderr)
+    return _batch_report(args, records, f" on Ray (manifest: {Path(args.output) / MANIFEST})")
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:

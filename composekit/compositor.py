@@ -265,15 +265,10 @@ class Compositor:
             NumericalError: NaN or inf appeared while sampling or decoding.
         """
         start = time.perf_counter()
-        given = dict(steps=steps, guidance=guidance, eta=eta, context=context, feather=feather, progress=progress,
-                     harmonize=harmonize, shadow=shadow, guidance_end=guidance_end, decode=decode, fidelity=fidelity,
-                     fidelity_factor=fidelity_factor, fidelity_steps=fidelity_steps)
+        given = {k: v for k, v in locals().items() if k in _OPTION_KEYWORDS}  # the option keywords, as passed
         method, opts = self._options(method, options, given)
         seed = _seed(seed)
-        _choice_check("region", region, ("box", "silhouette"))
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
-                                   or not 0 <= margin <= MAX_FEATHER):
-            raise InputError(f"margin must be an integer in 0..{MAX_FEATHER} (pixels) or None, got {margin!r}")
+        _check_region_options(region, margin)
 
         bg = load_picture(background, "background")
         objects, boxes, masks = _jobs(obj, box, mask)
@@ -285,19 +280,10 @@ class Compositor:
             require_visible(ob.alpha)
             pictures.append(ob)
         seeds = [seed] + [_derived_seed(seed, i) for i in range(1, len(objects))]
-        regions = []
-        for i, (ob, b, m) in enumerate(zip(pictures, boxes, masks)):
-            region_box, region_mask = _region(m, b, bg.width, bg.height)
-            if region == "silhouette":
-                if m is not None:
-                    raise InputError("region='silhouette' makes the region from the object's alpha; drop mask= "
-                                     "(or use region='box' with your mask)")
-                grow = geometry.default_margin(region_box) if margin is None else int(margin)
-                region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
-            regions.append((region_box, region_mask))
+        regions = [_object_region(ob, b, m, bg, region, margin) for ob, b, m in zip(pictures, boxes, masks)]
 
         rgb = bg.rgb
-        full_mask = np.zeros((bg.height, bg.width), bool)
+        changes = []
         timings: dict[str, float] = {}
         for ob, (region_box, region_mask), object_seed in zip(pictures, regions, seeds):
             if method == "classic":
@@ -305,27 +291,11 @@ class Compositor:
             else:
                 rgb, changed, stage = self._generate(rgb, ob, region_box, region_mask, object_seed, opts, latents,
                                                      callback)
-            x0, y0, x1, y1 = region_box
-            full_mask[y0:y1, x0:x1] |= changed
+            changes.append((region_box, changed))
             for key, value in stage.items():
                 timings[key] = timings.get(key, 0.0) + value
         timings["total"] = time.perf_counter() - start
-        all_boxes = tuple(r[0] for r in regions)
-        union = (min(b[0] for b in all_boxes), min(b[1] for b in all_boxes), max(b[2] for b in all_boxes),
-                 max(b[3] for b in all_boxes))
-        generative = method == "generative"
-        return CompositeResult(
-            image=to_caller_kind(rgb, bg),
-            mask=full_mask,
-            box=union,
-            seed=seed,
-            steps=opts.steps if generative else 0,
-            guidance=opts.guidance if generative else 0.0,
-            timings=MappingProxyType(timings),
-            method=method,
-            seeds=tuple(seeds),
-            boxes=all_boxes,
-        )
+        return _composite_result(bg, rgb, changes, seeds, method, opts, timings)
 
     def _options(self, method: str | None, options: Any, given: dict[str, Any]) -> tuple[str, Any]:
         """The method and its validated options, from ``options=`` or from the keyword arguments."""
@@ -412,7 +382,7 @@ class Compositor:
         """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
         prep = self._prepare(rgb, ob, region_box, region_mask, seed, opts, latents)
         out = sample_batch(self.backend, self.scheduler, [prep.job], self._sampler_options(opts, seed, callback),
-                           encode_object=self._object_context)[0]
+                           encode_objects=self._object_contexts)[0]
         if isinstance(out, ComposekitError):
             raise out
         return self._finish(prep, out, opts)
@@ -461,6 +431,7 @@ class Compositor:
             raise InputError(f"batch_size={batch_size}, but this {self.backend.name} model takes at most {limit} "
                              f"composites per batch; pass batch_size<={limit} or re-export with --max-batch {batch_size}")
         shared = {k: options[k] for k in ("region", "margin", "callback") if k in options}
+        _check_region_options(shared.get("region", "box"), shared.get("margin"))
         iterator = iter(jobs)
         while True:
             chunk = list(itertools.islice(iterator, int(batch_size)))
@@ -471,7 +442,7 @@ class Compositor:
     def _run_batch(self, chunk: list[Any], method: str, opts: Any, shared: dict[str, Any]) -> list[Any]:
         """One batch: prepare each job (failures are kept in place), sample the good ones together, finish."""
         results: list[Any] = [None] * len(chunk)
-        prepared: dict[int, tuple[Any, Any]] = {}
+        prepared: dict[int, tuple[Any, _Prepared, int]] = {}
         for i, raw in enumerate(chunk):
             try:
                 item = _batch_job(raw)
@@ -480,68 +451,62 @@ class Compositor:
                                             seed=item.get("seed"), options=opts, region=shared.get("region", "box"),
                                             margin=shared.get("margin"))
                     continue
-                start = time.perf_counter()
                 seed = _seed(item.get("seed"))
-                bg, ob, region_box, region_mask = self._one_region(item, shared)
-                prep = self._prepare(bg.rgb, ob, region_box, region_mask, seed, opts)
-                prepared[i] = (bg, prep, seed, time.perf_counter() - start)
+                bg = load_picture(item["background"], "background")
+                ob = load_picture(item["object"], "object")
+                require_visible(ob.alpha)
+                region_box, region_mask = _object_region(ob, item.get("box"), item.get("mask"), bg,
+                                                         shared.get("region", "box"), shared.get("margin"))
+                prepared[i] = (bg, self._prepare(bg.rgb, ob, region_box, region_mask, seed, opts), seed)
             except ComposekitError as exc:
                 results[i] = exc
         if prepared:
             rows = sorted(prepared)
             outs = sample_batch(self.backend, self.scheduler, [prepared[i][1].job for i in rows],
                                 self._sampler_options(opts, callback=shared.get("callback")),
-                                encode_object=self._object_context)
+                                encode_objects=self._object_contexts)
             for i, out in zip(rows, outs):
-                bg, prep, seed, start_cost = prepared[i]
+                bg, prep, seed = prepared[i]
                 if isinstance(out, ComposekitError):
                     results[i] = out
                     continue
                 rgb, changed, timings = self._finish(prep, out, opts)
-                x0, y0, x1, y1 = prep.region_box
-                mask = np.zeros((bg.height, bg.width), bool)
-                mask[y0:y1, x0:x1] = changed
-                timings["total"] = sum(v for k, v in timings.items() if k != "total")
-                results[i] = CompositeResult(image=to_caller_kind(rgb, bg), mask=mask, box=prep.region_box, seed=seed,
-                                             steps=opts.steps, guidance=opts.guidance,
-                                             timings=MappingProxyType(timings), method="generative", seeds=(seed,),
-                                             boxes=(prep.region_box,))
+                timings["total"] = sum(timings.values())
+                results[i] = _composite_result(bg, rgb, [(prep.region_box, changed)], [seed], "generative", opts,
+                                               timings)
         return results
 
-    def _one_region(self, item: Mapping[str, Any], shared: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
-        """A batch job's background, object and region (as [`paste`][composekit.Compositor.paste] works them out for one object)."""
-        bg = load_picture(item["background"], "background")
-        ob = load_picture(item["object"], "object")
-        require_visible(ob.alpha)
-        region_box, region_mask = _region(item.get("mask"), item.get("box"), bg.width, bg.height)
-        if shared.get("region", "box") == "silhouette":
-            if item.get("mask") is not None:
-                raise InputError("region='silhouette' makes the region from the object's alpha; drop the job's mask")
-            margin = shared.get("margin")
-            grow = geometry.default_margin(region_box) if margin is None else int(margin)
-            region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
-        else:
-            _choice_check("region", shared.get("region", "box"), ("box", "silhouette"))
-        return bg, ob, region_box, region_mask
+    def _object_contexts(self, pixels: list[np.ndarray]) -> tuple[Any, Any]:
+        """The objects' (cond, uncond) contexts, one row each: cached objects from the cache, the others
+        encoded together in one call (an object repeated in the batch is encoded once).
 
-    def _object_context(self, pixels: np.ndarray) -> tuple[Any, Any]:
-        """The object's (cond, uncond) context, cached for the last few objects (same pixels, same result).
-
-        Entries are read-only backend arrays; the lock only guards the cache's bookkeeping, so
-        concurrent calls for different objects still encode in parallel.
+        Only single-object encodes are cached, so a cached context is bit for bit what encoding that
+        object alone gives, whatever batches ran before. Entries are read-only backend arrays; the lock
+        only guards the cache's bookkeeping, so concurrent calls still encode in parallel.
         """
-        key = hashlib.sha256(pixels.tobytes()).digest()
+        keys = [hashlib.sha256(p.tobytes()).digest() for p in pixels]
+        rows: dict[bytes, tuple[Any, Any]] = {}
         with self._cache_lock:
-            hit = self._context_cache.get(key)
-            if hit is not None:
-                self._context_cache.move_to_end(key)
-                return hit
-        context = self.backend.encode_object(pixels)
-        with self._cache_lock:
-            self._context_cache[key] = context
-            while len(self._context_cache) > _CONTEXT_CACHE_SIZE:
-                self._context_cache.popitem(last=False)
-        return context
+            for key in keys:
+                hit = self._context_cache.get(key)
+                if hit is not None:
+                    self._context_cache.move_to_end(key)
+                    rows[key] = hit
+        missing = list(dict.fromkeys(k for k in keys if k not in rows))
+        if missing:
+            by_key = dict(zip(keys, pixels))  # equal keys, equal pixels
+            cond, uncond = self.backend.encode_object(np.concatenate([by_key[k] for k in missing]))
+            fresh = {k: (cond, uncond) if len(missing) == 1 else (cond[j:j + 1], uncond[j:j + 1])
+                     for j, k in enumerate(missing)}
+            rows.update(fresh)
+            if len(missing) == 1:
+                with self._cache_lock:
+                    self._context_cache.update(fresh)
+                    while len(self._context_cache) > _CONTEXT_CACHE_SIZE:
+                        self._context_cache.popitem(last=False)
+        if len(keys) == 1:
+            return rows[keys[0]]
+        return (self.backend.cat([rows[k][0] for k in keys], 0), self.backend.cat([rows[k][1] for k in keys], 0))
 
     def _classic(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
                  opts: ClassicOptions) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -553,6 +518,40 @@ class Compositor:
         composite, changed = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask,
                                                harmonize=opts.harmonize, shadow=opts.shadow, feather=radius)
         return composite, changed, {"classic": time.perf_counter() - start}
+
+
+def _check_region_options(region: Any, margin: Any) -> None:
+    _choice_check("region", region, ("box", "silhouette"))
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
+                               or not 0 <= margin <= MAX_FEATHER):
+        raise InputError(f"margin must be an integer in 0..{MAX_FEATHER} (pixels) or None, got {margin!r}")
+
+
+def _object_region(ob: Any, box: Any, mask: Any, bg: Any, region: str, margin: int | None
+                   ) -> tuple[geometry.Box, np.ndarray | None]:
+    """One object's editable region: its box (or mask), or with ``region="silhouette"`` its grown alpha."""
+    region_box, region_mask = _region(mask, box, bg.width, bg.height)
+    if region == "silhouette":
+        if mask is not None:
+            raise InputError("region='silhouette' makes the region from the object's alpha; drop mask= "
+                             "(or use region='box' with your mask)")
+        grow = geometry.default_margin(region_box) if margin is None else int(margin)
+        region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
+    return region_box, region_mask
+
+
+def _composite_result(bg: Any, rgb: np.ndarray, changes: list[tuple[geometry.Box, np.ndarray]], seeds: list[int],
+                      method: str, opts: Any, timings: dict[str, float]) -> CompositeResult:
+    """The result of one composite: ``changes`` are each object's (box, changed pixels of the box)."""
+    mask = np.zeros((bg.height, bg.width), bool)
+    for (x0, y0, x1, y1), changed in changes:
+        mask[y0:y1, x0:x1] |= changed
+    boxes = tuple(box for box, _ in changes)
+    union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+    generative = method == "generative"
+    return CompositeResult(image=to_caller_kind(rgb, bg), mask=mask, box=union, seed=seeds[0],
+                           steps=opts.steps if generative else 0, guidance=opts.guidance if generative else 0.0,
+                           timings=MappingProxyType(timings), method=method, seeds=tuple(seeds), boxes=boxes)
 
 
 def _choice_check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -625,7 +624,6 @@ def _batch_job(raw: Any) -> dict[str, Any]:
         raise InputError("a batch job pastes one object; use paste() for several objects in one image")
     return item
 _PASTE_DEFAULTS = {name: p.default for name, p in inspect.signature(Compositor.paste).parameters.items()}
-_OPTION_KEYWORDS = ("steps", "guidance", "eta", "context", "feather", "progress", "harmonize", "shadow", "guidance_end",
-                    "decode", "fidelity", "fidelity_factor", "fidelity_steps")
-_BATCH_OPTIONS = set(_OPTION_KEYWORDS) | {"method", "options", "region", "margin", "callback"}
 _GENERATIVE_FIELDS, _CLASSIC_FIELDS = field_names(GenerativeOptions), field_names(ClassicOptions)
+_OPTION_KEYWORDS = tuple(sorted(_GENERATIVE_FIELDS | _CLASSIC_FIELDS))  # paste's keywords that are options
+_BATCH_OPTIONS = set(_OPTION_KEYWORDS) | {"method", "options", "region", "margin", "callback"}

@@ -282,13 +282,14 @@ def sample_batch(
     scheduler: Scheduler,
     jobs: list[Job],
     options: SamplerOptions,
-    encode_object: Callable[[np.ndarray], tuple[Any, Any]] | None = None,
+    encode_objects: Callable[[list[np.ndarray]], tuple[Any, Any]] | None = None,
 ) -> list[SampleOutput | NumericalError]:
     """Generate every job's window together; returns, per job, its output or the NumericalError it hit.
 
-    ``encode_object`` replaces ``backend.encode_object`` (the compositor passes a cached version, so
-    an object seen in a recent call is not encoded again). Jobs need a ``guide_window`` when
-    ``options.ilvr`` is set.
+    ``encode_objects(pixels)`` gives the contexts ``(c, v)`` of all jobs' objects, one row per job; by
+    default one ``backend.encode_object`` call on the stacked pixels (the compositor passes a cached
+    version, so an object seen in a recent call is not encoded again). Jobs need a ``guide_window``
+    when ``options.ilvr`` is set.
     """
     info = backend.info
     f, m = info.vae_scale_factor, info.model_size
@@ -306,10 +307,8 @@ def sample_batch(
 
     t0 = time.perf_counter()
     # Stage 1, timed in two laps: the objects, then the images.
-    encoder = encode_object or backend.encode_object
-    contexts = [encoder(j.object_pixels) for j in jobs]
-    context = (contexts[0] if len(jobs) == 1 else
-               (backend.cat([c[0] for c in contexts], 0), backend.cat([c[1] for c in contexts], 0)))
+    pixels = [j.object_pixels for j in jobs]
+    context = (encode_objects or (lambda p: backend.encode_object(np.concatenate(p))))(pixels)
     t0 = lap("encode_object", t0)
     enc = encode(backend, [j.window for j in jobs], [j.hole for j in jobs], context,
                  guide_windows=[j.guide_window for j in jobs] if options.ilvr is not None else None)
@@ -357,7 +356,8 @@ def sample(
              info.model_size // info.vae_scale_factor)
     job = Job(window, hole, object_pixels, options.seed, guide_window,
               None if latents is None else check_latents(latents, shape))
-    out = sample_batch(backend, scheduler, [job], options, encode_object)[0]
+    encode_objects = None if encode_object is None else (lambda pixels: encode_object(pixels[0]))
+    out = sample_batch(backend, scheduler, [job], options, encode_objects)[0]
     if isinstance(out, NumericalError):
         raise out
     return out

@@ -224,6 +224,10 @@ class _Guard:
         self.app, self.state, self.settings = app, state, settings
         self.limit = int(settings.max_upload_mb * 1024 * 1024)
 
+    def _too_large(self) -> Any:
+        return _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
+                      f"{self.settings.max_upload_mb:g} MB; send smaller images")
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -241,8 +245,7 @@ class _Guard:
                 early = _error(401, "Unauthorized", "send the API key as 'Authorization: Bearer <key>'",
                                {"WWW-Authenticate": "Bearer"})
         if early is None and headers.get("content-length", "").isdigit() and int(headers["content-length"]) > self.limit:
-            early = _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
-                           f"{self.settings.max_upload_mb:g} MB; send smaller images")
+            early = self._too_large()
         if early is not None:
             self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(early.status_code)).inc()
             await early(scope, receive, send)
@@ -277,8 +280,7 @@ class _Guard:
             self.state.inflight -= 1
         if over and not started:
             self.state.metrics.requests.labels("/v1/paste", "413").inc()
-            await _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
-                         f"{self.settings.max_upload_mb:g} MB; send smaller images")(scope, receive, send)
+            await self._too_large()(scope, receive, send)
 
 
 _ENDPOINTS = ("/v1/paste", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")

@@ -129,3 +129,22 @@ def test_batch_classic_and_bad_calls(compositor):
         compositor.paste_batch(jobs, seed=3)
     out = compositor.paste_batch([dict(obj=1), 5], steps=1)
     assert all(isinstance(r, InputError) for r in out)
+
+
+def test_objects_are_encoded_in_one_call_per_batch(tiny_model_dir):
+    comp = Compositor.from_pretrained(tiny_model_dir, device="cpu")  # a fresh object cache
+    calls = []
+    real = comp.backend.encode_object
+    comp.backend.encode_object = lambda pixels: calls.append(pixels.shape[0]) or real(pixels)
+    try:
+        jobs = _jobs(3)
+        comp.paste_batch(jobs, batch_size=3, steps=1)
+        assert calls == [3]  # three different objects, one encoder call
+        calls.clear()
+        same = [dict(job, object=jobs[0]["object"]) for job in jobs]
+        comp.paste_batch(same, batch_size=3, steps=1)
+        assert calls == [1]  # one object repeated: encoded once (and now cached)
+        comp.paste_batch(same, batch_size=3, steps=1)
+        assert calls == [1]
+    finally:
+        del comp.backend.encode_object
