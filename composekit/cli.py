@@ -59,7 +59,7 @@ def _compositor(args: argparse.Namespace):
         return Compositor()
     _apply_threads(args)
     return Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                      local_files_only=args.offline)
+                                      local_files_only=args.offline, vae=args.vae)
 
 
 def _method_options(args: argparse.Namespace):
@@ -245,12 +245,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
+    if args.ray and args.port == 0:
+        raise InputError("--ray needs a fixed --port (Ray Serve's proxy does not report a port it picked)")
     import socket
 
-    try:  # fail now, not after loading the model, if the address cannot be bound
-        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((args.host, args.port))
+    try:  # fail now, not after loading the model, if the address cannot be bound (a remote Ray head binds its own)
+        if not (args.ray and args.address):
+            with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((args.host, args.port))
     except OSError as exc:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port "
                          "or --host") from None
@@ -260,13 +263,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"composekit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
               "use it", file=sys.stderr)
-    comp = _compositor(args)
-
     def ready(port: int) -> None:
         what = f"model {args.model}" if args.model else "classic method (no model)"
-        print(f"composekit serve: listening on http://{args.host}:{port} ({what}, max batch {args.max_batch})",
+        where = " on Ray Serve" if args.ray else ""
+        print(f"composekit serve: listening on http://{args.host}:{port}{where} ({what}, max batch {args.max_batch})",
               file=sys.stderr, flush=True)
 
+    if args.ray:
+        from . import ray_serve
+
+        scale = ray_serve.RaySettings(replicas=args.replicas, min_replicas=args.min_replicas,
+                                      max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
+                                      cpus_per_replica=args.cpus_per_replica, threads=args.threads)
+        load = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
+                "vae": args.vae}
+        ray_serve.run(args.model, load if args.model else {}, settings, scale, host=args.host, port=args.port,
+                      address=args.address, on_ready=ready)
+        return EXIT_OK
+    for flag in ("address", "min_replicas", "max_replicas"):
+        if getattr(args, flag) is not None:
+            raise InputError(f"--{flag.replace('_', '-')} needs --ray")
+    if args.replicas != 1 or args.gpus_per_replica or args.cpus_per_replica != 1:
+        raise InputError("--replicas, --gpus-per-replica and --cpus-per-replica need --ray")
+    comp = _compositor(args)
     run(comp, settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
         on_ready=ready)
     return EXIT_OK
@@ -279,7 +298,8 @@ def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object) -> int:
     _apply_threads(args)
     rows = [{"object": str(args.object), "background": str(bg), "box": box, "seed": args.seed, "output": out.name}
             for bg, box, out in jobs]
-    load = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline}
+    load = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
+                "vae": args.vae}
     records = ray_batch(args.model, rows, args.output, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                         batch_size=args.batch_size, address=args.address, overwrite=args.overwrite,
                         load_options=load if args.model else None, options=options, region=args.region,
@@ -291,8 +311,12 @@ def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object) -> int:
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from .random_models import make_random_model
+    from .random_models import make_random_model, make_random_tiny_vae
 
+    if args.tiny_vae:
+        out = make_random_tiny_vae(args.output, args.size, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote random {args.size} AutoencoderTiny to {out} ({'TAESD-sized' if args.size == 'full' else 'test-sized'})")
+        return EXIT_OK
     out = make_random_model(args.output, args.size, family=args.family, adaptor=args.adaptor,
                             unet_channels=args.unet_channels, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote random {args.size} {args.family} model to {out}")
@@ -348,10 +372,13 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, ONNX export or Hub repo id; without it the weights-free classic method runs")
     p.add_argument("--backend", default="auto",
-                   help="auto (default: by what --model holds), torch, onnxruntime or tensorrt")
+                   help="auto (default: by what --model holds), torch, onnxruntime, openvino or tensorrt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
     p.add_argument("--offline", action="store_true", help="never use the network (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--vae", default=None, metavar="DIR_OR_REPO|tiny",
+                   help="decode with a tiny autoencoder (speed option): an AutoencoderTiny folder or Hub id such as "
+                   "madebyollin/taesd for a diffusers model, 'tiny' for an export made with --tiny-vae")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the torch backend (default: torch's, one per core). On a machine busy with "
                         "other work, 1 avoids multi-second stalls (see docs/troubleshooting.md)")
@@ -477,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ObjectStitch content adaptor (default mapper)")
     m.add_argument("--unet-channels", type=int, choices=[9, 4], default=9,
                    help="9 = inpainting U-Net (default), 4 = plain SD U-Net (masked-DDIM path)")
+    m.add_argument("--tiny-vae", action="store_true",
+                   help="write a random diffusers AutoencoderTiny instead (full = TAESD's architecture), for --vae")
     m.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     m.set_defaults(func=_cmd_make_model)
@@ -508,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
     s.add_argument("--queue-size", type=int, default=32, help="waiting requests before 503 (default 32)")
     s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    s.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment (replicas, autoscaling; needs ray[serve])")
+    s.add_argument("--address", default=None, help="with --ray: a Ray cluster to join (default: a local one)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each holding the model (default 1)")
+    s.add_argument("--min-replicas", type=int, default=None, help="with --ray: autoscale from this many replicas")
+    s.add_argument("--max-replicas", type=int, default=None, help="with --ray: autoscale up to this many replicas")
+    s.add_argument("--gpus-per-replica", type=float, default=0, help="with --ray: GPUs per replica (default 0)")
+    s.add_argument("--cpus-per-replica", type=float, default=1,
+                   help="with --ray: CPUs per replica (default 1; Ray sets its threads to this unless --threads)")
     s.set_defaults(func=_cmd_serve)
 
     e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")

@@ -21,7 +21,7 @@ from . import geometry
 from .backends import Backend, choose_backend, load_backend
 from .errors import ComposekitError, InputError
 from .images import load_picture, to_caller_kind
-from .loading import read_model_dir, resolve_source
+from .loading import TINY_VAE_ALLOW_PATTERNS, read_model_dir, resolve_source
 from .engines import is_engine_dir, read_engine_dir
 from .manifest import is_export_dir, read_manifest
 from .options import MAX_FEATHER, ClassicOptions, GenerativeOptions, field_names
@@ -137,6 +137,7 @@ class Compositor:
         dtype: Any = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        vae: str | os.PathLike | None = None,
         **backend_options: Any,
     ) -> "Compositor":
         """Load a model from a local directory or a Hugging Face Hub repo id.
@@ -144,25 +145,31 @@ class Compositor:
         Args:
             source: a directory in diffusers' Paint-by-Example layout, or a Hub repo id such as
                 ``"Fantasy-Studio/Paint-by-Example"`` (downloaded once into the Hugging Face cache).
-            backend: ``"auto"`` (default: by what ``source`` holds — engines -> tensorrt, an ONNX export
-                -> onnxruntime, a diffusers model -> torch; the choice is logged), or one of those names,
-                which always wins.
+            backend: ``"auto"`` (default: by what ``source`` holds — engines -> tensorrt, a diffusers
+                model -> torch, an ONNX export -> onnxruntime with CUDA, else openvino when installed,
+                else onnxruntime; the choice is logged with why), or one of those names, which always wins.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None picks CUDA when torch sees a GPU.
                 Asking for a GPU that is not there raises [`BackendUnavailableError`][composekit.errors.BackendUnavailableError].
             dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None = float16 on CUDA, float32 on CPU.
             revision: Hub branch, tag or commit.
             local_files_only: never touch the network (also set by ``HF_HUB_OFFLINE=1``).
+            vae: a tiny autoencoder to decode with, a speed option (decode ~1% of the VAE's compute; its
+                quality is the published model's). For a diffusers model (torch): the folder or Hub id of
+                a diffusers ``AutoencoderTiny``, e.g. ``"madebyollin/taesd"``; for an export (onnxruntime,
+                openvino): ``"tiny"``, the tiny decoder exported beside the VAE (``--tiny-vae``).
             backend_options: passed to the backend. ``onnxruntime``: ``providers`` (a list, wins over
                 ``device``), ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization``
                 (``"disable" | "basic" | "extended" | "all"``), ``io_binding`` (default: on with CUDA).
+                ``openvino``: ``precision`` (``"f32" | "bf16" | "f16"``; default bf16 where the CPU has
+                it), ``threads``, ``cache_dir`` (compiled-model cache; False = off).
                 ``tensorrt``: ``cuda_graph`` (replay the U-Net step as a CUDA graph), ``verify_engines``.
                 ``torch``: ``channels_last``, ``compile`` (see the backends page of the docs).
         """
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
-        name = choose_backend(backend, root)
         # Engines carry their ONNX export's manifest; the backend checks engines and graphs as it loads them.
         manifest = (read_engine_dir(root).manifest if is_engine_dir(root)
                     else read_manifest(root, verify=False) if is_export_dir(root) else None)
+        name = choose_backend(backend, root, device, manifest.optimized if manifest is not None else None)
         if manifest is not None:
             scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
             backdrop = manifest.cutout_backdrop
@@ -170,6 +177,10 @@ class Compositor:
             files = read_model_dir(root)
             scheduler_cfg, extractor_cfg = files.configs["scheduler"], files.configs["feature_extractor"]
             backdrop = files.index.get("cutout_backdrop", [255, 255, 255])
+        if vae is not None:
+            if name == "torch":
+                vae = resolve_source(vae, local_files_only=local_files_only, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
+            backend_options["vae"] = vae
         loaded = load_backend(name, root, device=device, dtype=dtype, **backend_options)
         scheduler = DDIMScheduler.from_config(scheduler_cfg)
         preprocessor = ClipPreprocessor.from_config(extractor_cfg)

@@ -286,6 +286,8 @@ SCHEMAS: dict[str, Schema] = {
         "precision": Field(("str",), True, lambda v: v in ("fp32", "fp16"), "'fp32' or 'fp16'"),
         "dynamic_spatial": Field(("bool",), expect="true or false"),
         "max_batch": Field(("int",), False, _int_in(1, 256), "an integer in 1..256"),
+        "optimized": Field(("str", "null"), False, lambda v: v in (None, "cpu", "cuda"), "null, 'cpu' or 'cuda'"),
+        "tiny_vae": Field(("str", "null"), expect="null or where the tiny decoder came from"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": _BACKDROP,

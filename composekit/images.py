@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -104,8 +105,9 @@ def _open(data: Any, what: str) -> Image.Image:
             "PIL.Image.MAX_IMAGE_PIXELS and composekit.images.set_max_pixels(N)"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
+        reason = re.sub(r" <[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
         raise InputError(
-            f"{label} is not a readable image in an allowed format {ALLOWED_FORMATS}: {exc}"
+            f"{label} is not a readable image in an allowed format {ALLOWED_FORMATS}: {reason}"
         ) from None
     finally:
         stream.close()

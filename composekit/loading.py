@@ -55,6 +55,8 @@ HUB_ALLOW_PATTERNS = ["model_index.json"] + [
     for pattern in ([config, "*.safetensors", "*.safetensors.index.json"] if weighted else [config])
 ]
 HUB_IGNORE_PATTERNS = ["*.fp16.*", "*non_ema*", "*.ema.*"]
+# A tiny autoencoder repo (e.g. madebyollin/taesd) keeps one diffusers model at its root.
+TINY_VAE_ALLOW_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -81,7 +83,8 @@ def _looks_like_repo_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
 
 
-def resolve_source(source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False) -> Path:
+def resolve_source(source: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False,
+                   allow_patterns: list[str] | None = None) -> Path:
     """A local directory for ``source``: the directory itself, or a Hub snapshot (downloaded if needed).
 
     Only the files composekit uses are fetched (no safety checker, no pickle weights, no fp16
@@ -114,7 +117,7 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None, lo
         snapshot = snapshot_download(
             text,
             revision=revision,
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS,
             ignore_patterns=HUB_IGNORE_PATTERNS,
             local_files_only=offline,
             library_name="composekit",

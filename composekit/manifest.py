@@ -20,7 +20,7 @@ from typing import Any
 
 from .configs import SCHEMAS, check, inside, read_json, regular_file
 from .errors import ModelError
-from .specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
+from .specs import COMPONENT_NAMES, OPTIONAL_COMPONENTS, ComponentSpec, ModelDims, component_specs
 
 __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
 
@@ -71,6 +71,11 @@ class ExportManifest:
                                max_batch=self.max_batch)
 
     @property
+    def optimized(self) -> str | None:
+        """ONNX Runtime fusions applied at export: None, ``"cpu"`` or ``"cuda"`` (contrib operators)."""
+        return self.data.get("optimized")
+
+    @property
     def precision(self) -> str:
         return str(self.data["precision"])
 
@@ -86,11 +91,20 @@ class ExportManifest:
     def cutout_backdrop(self) -> list[int]:
         return list(self.data.get("cutout_backdrop", [255, 255, 255]))
 
+    def has(self, name: str) -> bool:
+        """Whether the export holds component ``name`` (the optional ones may be absent)."""
+        return name in self.data["components"]
+
     def component(self, name: str) -> dict[str, Any]:
         return dict(self.data["components"][name])
 
     def path(self, name: str) -> Path:
         return _inside(self.root, self.data["components"][name]["file"])
+
+
+def _present(data: dict[str, Any]) -> list[str]:
+    """The components a manifest holds: the four, and the optional ones it lists."""
+    return list(COMPONENT_NAMES) + [c for c in OPTIONAL_COMPONENTS if c in data["components"]]
 
 
 def check_manifest_data(data: dict[str, Any], where: str, fix: str) -> None:
@@ -110,7 +124,7 @@ def check_manifest_data(data: dict[str, Any], where: str, fix: str) -> None:
     missing = [c for c in COMPONENT_NAMES if c not in data["components"]]
     if missing:
         raise ModelError(f"{where} lacks component(s) {missing}; {fix}")
-    for name in COMPONENT_NAMES:
+    for name in _present(data):
         entry = data["components"][name]
         if not isinstance(entry, dict):
             raise ModelError(f"{where}: component {name!r} must be an object; {fix}")
@@ -125,7 +139,7 @@ def read_manifest(root: str | os.PathLike, verify: bool = True) -> ExportManifes
     data = read_json(root / MANIFEST, fix=fix,
                      missing=f"{root} has no {MANIFEST}; it is not a composekit export (run `composekit-export onnx`)")
     check_manifest_data(data, where, fix)
-    for name in COMPONENT_NAMES:
+    for name in _present(data):
         entry = data["components"][name]
         for item in [entry] + list(entry.get("external_data", [])):
             path = _inside(root, item["file"])

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import BackendUnavailableError, InputError, install_hint
 
-__all__ = ["SIZES", "FAMILIES", "make_random_model", "component_configs", "model_index"]
+__all__ = ["SIZES", "FAMILIES", "make_random_model", "make_random_tiny_vae", "component_configs", "model_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,43 @@ def make_random_model(
     n = sum(p.numel() for m in components.values() if hasattr(m, "parameters") for p in m.parameters())
     logger.info("wrote random %s %s model (%d parameters, seed %d) to %s", size, family, n, seed, out)
     return out
+
+
+# AutoencoderTiny configurations: "full" is TAESD's published architecture (madebyollin/taesd: 64 channels,
+# 1/3/3/3 encoder and 3/3/3/1 decoder blocks, ~2.4M parameters), "tiny" a narrow one for tests. Both
+# upsample by 8 and have 4 latent channels, like SD 1.x's VAE.
+TINY_VAE_CONFIGS = {
+    "full": dict(encoder_block_out_channels=(64, 64, 64, 64), decoder_block_out_channels=(64, 64, 64, 64),
+                 num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)),
+    "tiny": dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+}
+
+
+def make_random_tiny_vae(out_dir: str | os.PathLike, size: str = "tiny", *, seed: int = 0,
+                         overwrite: bool = False) -> Path:
+    """Write a random diffusers ``AutoencoderTiny`` directory (TAESD's layout: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors``), deterministic from ``seed``, atomically."""
+    try:
+        import torch
+        from diffusers import AutoencoderTiny
+    except ImportError as exc:
+        raise BackendUnavailableError(f"building a random tiny VAE needs PyTorch and diffusers: "
+                                      f"{install_hint('torch')}") from exc
+    from .files import atomic_directory
+
+    if size not in TINY_VAE_CONFIGS:
+        raise InputError(f"size must be one of {sorted(TINY_VAE_CONFIGS)}, got {size!r}")
+    if Path(out_dir).exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(in_channels=3, out_channels=3, latent_channels=4, upsampling_scaling_factor=2,
+                          **TINY_VAE_CONFIGS[size]).eval()
+    with atomic_directory(out_dir, overwrite) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    logger.info("wrote random %s AutoencoderTiny (%d parameters, seed %d) to %s", size,
+                sum(p.numel() for p in vae.parameters()), seed, out_dir)
+    return Path(out_dir)
 
 
 def model_index(family: str, adaptor: str | None = None) -> dict[str, Any]:

@@ -134,7 +134,7 @@ class _Worker:
             if first == "empty":
                 return  # stopping and nothing left
             batch = [first]
-            if self.settings.max_batch > 1 and first.options.get("method") != "classic":
+            if self.settings.max_batch > 1 and batchable(first):
                 deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
                 while len(batch) < self.settings.max_batch:
                     left = deadline - time.monotonic()
@@ -157,27 +157,57 @@ class _Worker:
         if not batch:
             return
         self.metrics.batch_size.observe(len(batch))
-        comp = self.compositor
-        try:
-            if len(batch) == 1:
-                job = batch[0]
-                results: list[Any] = [comp.paste(job.images["object"], job.images["background"], job.box,
-                                                 mask=job.images.get("mask"), seed=job.seed, progress=False,
-                                                 **job.options)]
-            else:
-                options = dict(batch[0].options)
-                shared = {k: options.pop(k) for k in ("region", "margin") if k in options}
-                jobs = [{"object": j.images["object"], "background": j.images["background"], "box": j.box,
-                         "mask": j.images.get("mask"), "seed": j.seed} for j in batch]
-                results = comp.paste_batch(jobs, batch_size=len(batch), **options, **shared)
-        except BaseException as exc:  # a whole-batch failure (bad options, a bug): every job gets it
-            results = [exc] * len(batch)
-        for job, result in zip(batch, results):
-            job.batch_size = len(batch)
+        for job, result in zip(batch, run_jobs(self.compositor, batch)):
             if isinstance(result, BaseException):
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+
+    # The interface create_app uses (the Ray Serve replica offers the same three).
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    async def composite(self, job: _Job) -> Any:
+        try:
+            future = self.submit(job)
+        except queue.Full:
+            raise QueueFull(f"{self.settings.queue_size} composites are already waiting; retry shortly") from None
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # a timed-out request: dropped unrun if still queued
+            raise
+
+
+class QueueFull(Exception):
+    """No room for another request (answered 503 with Retry-After)."""
+
+
+def run_jobs(compositor: Any, batch: list[_Job]) -> list[Any]:
+    """Composite jobs that share their options: one ``paste`` for one job (the Python API's bytes), else
+    one ``paste_batch``. Returns a result or an exception per job, and records the batch size on each."""
+    try:
+        if len(batch) == 1:
+            job = batch[0]
+            results: list[Any] = [compositor.paste(job.images["object"], job.images["background"], job.box,
+                                                   mask=job.images.get("mask"), seed=job.seed, progress=False,
+                                                   **job.options)]
+        else:
+            options = dict(batch[0].options)
+            shared = {k: options.pop(k) for k in ("region", "margin") if k in options}
+            jobs = [{"object": j.images["object"], "background": j.images["background"], "box": j.box,
+                     "mask": j.images.get("mask"), "seed": j.seed} for j in batch]
+            results = compositor.paste_batch(jobs, batch_size=len(batch), **options, **shared)
+    except BaseException as exc:  # a whole-batch failure (bad options, a bug): every job gets it
+        results = [exc] * len(batch)
+    for job in batch:
+        job.batch_size = len(batch)
+    return results
+
+
+def batchable(job: _Job) -> bool:
+    """Whether a job may share a batch (the classic method runs one by one)."""
+    return job.options.get("method") != "classic"
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -228,6 +258,16 @@ class _Guard:
         return _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
                       f"{self.settings.max_upload_mb:g} MB; send smaller images")
 
+    async def _discard_body(self, receive: Any) -> None:
+        """Read (and drop) what the client is still sending, up to 4x the limit, before an early answer:
+        closing a socket with unread bytes resets the connection, and the client would never see the answer."""
+        seen = 0
+        while seen <= 4 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -248,6 +288,7 @@ class _Guard:
             early = self._too_large()
         if early is not None:
             self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(early.status_code)).inc()
+            await self._discard_body(receive)
             await early(scope, receive, send)
             return
         seen = 0
@@ -280,6 +321,7 @@ class _Guard:
             self.state.inflight -= 1
         if over and not started:
             self.state.metrics.requests.labels("/v1/paste", "413").inc()
+            await self._discard_body(receive)
             await self._too_large()(scope, receive, send)
 
 
@@ -323,8 +365,13 @@ def _status_for(exc: ComposekitError) -> tuple[int, str]:
     return 500, type(exc).__name__
 
 
-def create_app(compositor: Any, settings: ServeSettings | None = None) -> Any:
-    """The ASGI application for ``compositor`` (the :class:`_Guard` in front of a FastAPI app)."""
+def create_app(compositor: Any, settings: ServeSettings | None = None, runner: Any = None) -> Any:
+    """The ASGI application for ``compositor`` (the :class:`_Guard` in front of a FastAPI app).
+
+    ``runner`` runs the composites: by default a :class:`_Worker` thread started with the app; the Ray
+    Serve replica passes itself (``alive()`` and ``async composite(job)``, batching through
+    ``@serve.batch``).
+    """
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -338,12 +385,16 @@ def create_app(compositor: Any, settings: ServeSettings | None = None) -> Any:
         draining = False
         inflight = 0  # requests inside the app (not counting those answered by the guard)
         metrics = _Metrics()
-        worker: _Worker | None = None
+        worker: Any = runner
 
     state = State()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
+        if runner is not None:
+            yield
+            state.draining = True
+            return
         state.worker = _Worker(compositor, settings, state.metrics)
         yield
         state.draining = True
@@ -367,7 +418,7 @@ def create_app(compositor: Any, settings: ServeSettings | None = None) -> Any:
 
     @api.get("/readyz")
     async def readyz() -> Response:
-        ready = state.worker is not None and state.worker.thread.is_alive() and not state.draining
+        ready = state.worker is not None and state.worker.alive() and not state.draining
         state.metrics.requests.labels("/readyz", "200" if ready else "503").inc()
         if not ready:
             return _error(503, "NotReady", "the model is not loaded or the server is shutting down")
@@ -439,12 +490,9 @@ def create_app(compositor: Any, settings: ServeSettings | None = None) -> Any:
             return _error(400, "BadRequest", "give a field 'box' (x0,y0,x1,y1) or a file 'mask'")
         job = _Job(images, box, seed, options)
         try:
-            future = state.worker.submit(job)
-        except queue.Full:
-            return _error(503, "QueueFull", f"{settings.queue_size} composites are already waiting; retry shortly",
-                          {"Retry-After": "1"})
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.timeout_s)
+            result = await asyncio.wait_for(state.worker.composite(job), timeout=settings.timeout_s)
+        except QueueFull as exc:
+            return _error(503, "QueueFull", str(exc), {"Retry-After": "1"})
         except asyncio.TimeoutError:
             return _error(504, "Timeout", f"the composite took longer than the server's {settings.timeout_s:g} s "
                           "timeout; use fewer steps or retry later")

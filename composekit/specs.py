@@ -13,6 +13,7 @@ unet               sample (B, Cin, h, w), timestep (B,) int64,   noise_pred (B, 
                    encoder_hidden_states (B, T, D)
 vae_encoder        image (B, 3, H, W) in [-1, 1]                 latent (B, 4, h, w), scaled mean
 vae_decoder        latent (B, 4, h, w), scaled                   image (B, 3, H, W) in [-1, 1]
+tiny_vae_decoder   as vae_decoder (optional: a tiny autoencoder's decoder, e.g. TAESD)
 =================  ============================================  =====================================
 
 ``B`` is dynamic everywhere (classifier-free guidance doubles the U-Net batch). ``H, W`` (and
@@ -28,9 +29,11 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ModelDims", "TensorSpec", "ComponentSpec", "component_specs", "COMPONENT_NAMES"]
+__all__ = ["ModelDims", "TensorSpec", "ComponentSpec", "component_specs", "COMPONENT_NAMES", "OPTIONAL_COMPONENTS"]
 
 COMPONENT_NAMES = ("object_encoder", "unet", "vae_encoder", "vae_decoder")
+# Exported only on request: a tiny autoencoder's decoder (``--tiny-vae``), the vae_decoder's inputs and outputs.
+OPTIONAL_COMPONENTS = ("tiny_vae_decoder",)
 Dim = int | str
 
 
@@ -201,11 +204,11 @@ def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: i
             ranges={**enc_batch, **spatial},
             scale=f,
         ),
-        "vae_decoder": ComponentSpec(
-            "vae_decoder",
+        **{name: ComponentSpec(
+            name,
             inputs=(TensorSpec("latent", ("B", dims.latent_channels, *latent)),),
             outputs=(TensorSpec("image", ("B", 3, *pix)),),
             ranges={**enc_batch, **spatial},
             scale=f,
-        ),
+        ) for name in ("vae_decoder", "tiny_vae_decoder")},
     }

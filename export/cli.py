@@ -1,7 +1,7 @@
 """The ``composekit-export`` command.
 
     composekit-export convert-objectstitch ObjectStitch.pth CLIP_DIR OUT_DIR [--size full|tiny]
-    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
+    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17] [--optimize cpu|cuda]
     composekit-export tensorrt ONNX_DIR ENGINE_DIR [--timing-cache FILE] [--workspace-gb N]
     composekit-export adaptor-params
 
@@ -38,8 +38,8 @@ def _onnx(args: argparse.Namespace) -> int:
 
     manifest = export_onnx(args.model_dir, args.output, precision="fp16" if args.fp16 else "fp32",
                            dynamic_spatial=args.dynamic_spatial, max_batch=args.max_batch, opset=args.opset,
-                           check=not args.no_check,
-                           overwrite=args.overwrite)
+                           check=not args.no_check, overwrite=args.overwrite, optimize=args.optimize,
+                           tiny_vae=args.tiny_vae)
     print(f"wrote {args.output} ({manifest['precision']}, opset {manifest['opset']})")
     for name, c in manifest["components"].items():
         size = c["bytes"] + sum(e["bytes"] for e in c["external_data"])
@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("model_dir", help="model directory (diffusers layout)")
     o.add_argument("output", help="export directory to create")
     o.add_argument("--fp16", action="store_true", help="export fp16 graphs (default fp32)")
+    o.add_argument("--tiny-vae", default=None, metavar="DIR_OR_REPO",
+                   help="also export this diffusers AutoencoderTiny's decoder (e.g. madebyollin/taesd), used with "
+                   "from_pretrained(OUT_DIR, vae='tiny') / --vae tiny")
+    o.add_argument("--optimize", choices=("cpu", "cuda"), default=None,
+                   help="fuse the U-Net with onnxruntime's transformer optimizer: 'cpu' (attention and layer-norm "
+                   "fusions, any provider) or 'cuda' (all fusions, CUDA provider only). Fused graphs run on "
+                   "onnxruntime only, not OpenVINO (default: plain graphs)")
     o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--max-batch", type=int, default=8,

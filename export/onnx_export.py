@@ -1,6 +1,6 @@
 """Export a model directory's four components to ONNX, with a manifest the runtime needs nothing beside.
 
-    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17]
+    composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17] [--optimize cpu|cuda]
 
 For each component of :mod:`composekit.specs` (object encoder = CLIP + adaptor/mapper as one
 graph; U-Net; VAE encoder; VAE decoder):
@@ -8,7 +8,8 @@ graph; U-Net; VAE encoder; VAE decoder):
 1. wrap the PyTorch module so its signature is the spec's (scaling factor baked into the VAE graphs);
 2. export with ``torch.onnx.export`` (TorchScript exporter; batch always dynamic, spatial axes on
    request), consolidating weights into one ``NAME.onnx.data`` file when the graph is over 2 GB;
-3. run ``onnx.checker`` and compare ONNX Runtime (CPU) against PyTorch on the spec's sample inputs,
+3. with ``optimize``, fuse the U-Net graph with ONNX Runtime's transformer optimizer (:func:`_fuse`);
+4. run ``onnx.checker`` and compare ONNX Runtime (CPU) against PyTorch on the spec's sample inputs,
    recording the max abs error in the manifest.
 
 Everything is written into a temporary folder beside ``OUT_DIR`` and renamed into place at the end,
@@ -86,8 +87,19 @@ def _graphs(backend) -> dict[str, Any]:
         def forward(self, latent):
             return self.vae.decode(latent / scaling, return_dict=False)[0]
 
-    return {"object_encoder": ObjectEncoder().eval(), "unet": UNet().eval(), "vae_encoder": VaeEncoder().eval(),
-            "vae_decoder": VaeDecoder().eval()}
+    class TinyVaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = backend.tiny_vae
+
+        def forward(self, latent):  # a tiny autoencoder decodes the U-Net's scaled latents directly
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    graphs = {"object_encoder": ObjectEncoder().eval(), "unet": UNet().eval(), "vae_encoder": VaeEncoder().eval(),
+              "vae_decoder": VaeDecoder().eval()}
+    if backend.tiny_vae is not None:
+        graphs["tiny_vae_decoder"] = TinyVaeDecoder().eval()
+    return graphs
 
 
 def _export_one(module, spec: ComponentSpec, scratch: Path, dest: Path, opset: int, float_dtype: str) -> list[dict]:
@@ -118,6 +130,77 @@ def _export_one(module, spec: ComponentSpec, scratch: Path, dest: Path, opset: i
     return [{"file": data_name}] if big else []
 
 
+# ONNX Runtime's U-Net fusions that need CUDA kernels (no CPU implementation in onnxruntime 1.32).
+_CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",
+                      "enable_packed_kv", "enable_packed_qkv", "enable_bias_add")
+
+
+def _patch_num_heads() -> None:
+    """Work around onnxruntime's U-Net attention fusion under numpy >= 2.4.
+
+    ``FusionAttentionUnet.get_num_heads`` calls ``int()`` on a one-element array, which numpy 2.4 made an
+    error (still present in onnxruntime 1.32). The wrapper reads the same constant with ``reshape(-1)[0]``
+    when the original raises that TypeError. The optimizer imports its modules both as
+    ``onnxruntime.transformers.X`` and as top-level ``X``, so both copies are patched.
+    """
+    import sys
+
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the top-level copies in sys.modules)
+
+    for name in ("onnxruntime.transformers.fusion_attention_unet", "fusion_attention_unet"):
+        module = sys.modules.get(name)
+        cls = getattr(module, "FusionAttentionUnet", None)
+        if cls is None or getattr(cls.get_num_heads, "_composekit_patch", False):
+            continue
+        original = cls.get_num_heads
+
+        def get_num_heads(self, reshape_q, is_torch2=False, _original=original):
+            try:
+                return _original(self, reshape_q, is_torch2)
+            except TypeError:  # numpy >= 2.4: int() of a one-element array
+                parent = self.model.get_parent(reshape_q, 1)
+                return int(np.asarray(self.model.get_constant_value(parent.input[2])).reshape(-1)[0])
+
+        get_num_heads._composekit_patch = True
+        cls.get_num_heads = get_num_heads
+
+
+def _fuse(path: Path, scratch: Path, target: str) -> list[dict]:
+    """Fuse the U-Net graph at ``path`` in place with ONNX Runtime's transformer optimizer.
+
+    ``target="cpu"``: attention (self and cross, as Attention / MultiHeadAttention) and layer-norm
+    fusions, whose kernels every execution provider has. ``"cuda"`` adds GroupNorm, SkipGroupNorm,
+    BiasSplitGelu, NhwcConv, BiasAdd and packed QKV/KV, which only the CUDA provider implements (the
+    graph then does not load on the CPU). Returns the external-data files written (if any).
+    """
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    _patch_num_heads()
+    data = path.parent / f"{path.name}.data"
+    big = data.exists() or path.stat().st_size > _TWO_GB  # fusing keeps the weights: same size class
+    options = FusionOptions("unet")
+    if target == "cpu":
+        for flag in _CUDA_ONLY_FUSIONS:
+            setattr(options, flag, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = optimizer.optimize_model(str(path), model_type="unet", num_heads=0, hidden_size=0,
+                                         optimization_options=options, opt_level=0, use_gpu=target == "cuda")
+    logger.info("fused %s for %s: %s", path.name, target, {k: v for k, v in
+                model.get_fused_operator_statistics().items() if v})
+    work = scratch / f"fused-{path.stem}"
+    work.mkdir()
+    model.save_model_to_file(str(work / path.name), use_external_data_format=big, all_tensors_to_one_file=True)
+    del model
+    if data.exists():
+        data.unlink()
+    for f in work.iterdir():
+        os.replace(f, path.parent / f.name)
+    shutil.rmtree(work)
+    return [{"file": data.name}] if data.exists() else []
+
+
 def _check_one(module, spec: ComponentSpec, path: Path, float_dtype: str) -> float:
     """Max abs difference between ONNX Runtime (CPU) and PyTorch on the spec's sample inputs."""
     import onnxruntime as ort
@@ -146,8 +229,17 @@ def export_onnx(
     opset: int = 17,
     check: bool = True,
     overwrite: bool = False,
+    optimize: str | None = None,
+    tiny_vae: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Export ``model_dir`` (a diffusers-layout model directory) to ``out_dir``; returns the manifest."""
+    """Export ``model_dir`` (a diffusers-layout model directory) to ``out_dir``; returns the manifest.
+
+    ``optimize``: None (plain graphs: every runtime, OpenVINO included), ``"cpu"`` (ONNX Runtime's
+    attention and layer-norm fusions in the U-Net; ONNX Runtime only) or ``"cuda"`` (all U-Net fusions;
+    ONNX Runtime's CUDA provider only, so its check against torch is skipped on machines without it).
+    ``tiny_vae``: a diffusers ``AutoencoderTiny`` folder or Hub id (e.g. TAESD) whose decoder is exported
+    as the optional ``tiny_vae_decoder`` (used with ``from_pretrained(export, vae="tiny")``).
+    """
     import diffusers
     import onnx
     import torch
@@ -159,12 +251,20 @@ def export_onnx(
 
     if precision not in ("fp32", "fp16"):
         raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if optimize not in (None, "cpu", "cuda"):
+        raise InputError(f"optimize must be None, 'cpu' or 'cuda', got {optimize!r}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
     files = read_model_dir(Path(model_dir))
     # fp16 graphs are traced from fp16 modules (CPU kernels suffice for tracing).
-    backend = load_torch(Path(model_dir), device="cpu", dtype="float16" if precision == "fp16" else "float32")
+    vae_dir = None
+    if tiny_vae is not None:
+        from composekit.loading import TINY_VAE_ALLOW_PATTERNS, resolve_source
+
+        vae_dir = resolve_source(tiny_vae, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
+    backend = load_torch(Path(model_dir), device="cpu", dtype="float16" if precision == "fp16" else "float32",
+                         vae=vae_dir)
     float_dtype = "float16" if precision == "fp16" else "float32"
     info = backend.info
     with torch.no_grad():
@@ -182,13 +282,18 @@ def export_onnx(
     components: dict[str, Any] = {}
     try:
         with atomic_directory(out, overwrite) as tmp:
-            for name in COMPONENT_NAMES:
+            for name in graphs:
                 spec = specs[name]
                 start = time.perf_counter()
                 external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
+                if optimize and name == "unet":
+                    external = _fuse(tmp / spec.file, scratch, optimize)
                 seconds = time.perf_counter() - start
                 error = None
-                if check:
+                if check and optimize == "cuda" and name == "unet":
+                    logger.warning("unet: not checked against torch (the CUDA fusions need onnxruntime's CUDA "
+                                   "provider)")
+                elif check:
                     # The reference is fp32 from the same weights, so for fp16 the error includes fp16 rounding.
                     reference = _fp32_copy(graphs[name]) if precision == "fp16" else graphs[name]
                     error = _check_one(reference, spec, tmp / spec.file, float_dtype)
@@ -218,9 +323,11 @@ def export_onnx(
                 "opset": opset,
                 "dynamic_spatial": dynamic_spatial,
                 "max_batch": max_batch,
+                "optimized": optimize,
                 "scheduler": files.configs["scheduler"],
                 "feature_extractor": files.configs["feature_extractor"],
                 "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
+                "tiny_vae": None if vae_dir is None else str(tiny_vae),
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
                              "transformers": transformers.__version__},
                 "components": components,

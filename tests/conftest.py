@@ -9,6 +9,14 @@ from PIL import Image
 torch = pytest.importorskip("torch", reason="the torch extra is needed for model tests")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Compiled-model caches (OpenVINO) go to a folder of this test run, not the user's cache."""
+    import os
+
+    os.environ.setdefault("COMPOSEKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from composekit.random_models import make_random_model

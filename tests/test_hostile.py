@@ -7,6 +7,7 @@ directory, 150 export and 100 engine-directory cases: 1,000 generated cases per 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -282,6 +283,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 
+# The runtimes of exports: every export check runs on each one installed.
+EXPORT_BACKENDS = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tiny_model_dir):
     from composekit_export.onnx_export import export_onnx
@@ -323,29 +328,31 @@ def test_manifests_with_missing_or_mistyped_fields(export_copy, mutate, match):
     _raises_within(lambda: _load(export_copy), ModelError, match=match)
 
 
-def test_a_swapped_graph_with_its_sha256_updated(export_copy):
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+def test_a_swapped_graph_with_its_sha256_updated(export_copy, backend):
     shutil.copy(export_copy / "vae_decoder.onnx", export_copy / "unet.onnx")
     _rehash(export_copy, "unet")
-    _raises_within(lambda: _load(export_copy, backend="onnxruntime"), ModelError, match="not this export's graph")
+    _raises_within(lambda: _load(export_copy, backend=backend), ModelError, match="not this export's graph")
 
 
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
 @pytest.mark.parametrize("change,match", [(dict(precision="fp16"), "precision"),
                                           (dict(dims_context_tokens=5), "disagree")])
-def test_manifest_that_contradicts_its_graphs(export_copy, change, match):
+def test_manifest_that_contradicts_its_graphs(export_copy, change, match, backend):
     manifest = json.loads((export_copy / "manifest.json").read_text())
     if "precision" in change:
         manifest["precision"] = change["precision"]
     else:
         manifest["dims"]["context_tokens"] = change["dims_context_tokens"]
     (export_copy / "manifest.json").write_text(json.dumps(manifest))
-    _raises_within(lambda: _load(export_copy, backend="onnxruntime"), ModelError, match=match)
+    _raises_within(lambda: _load(export_copy, backend=backend), ModelError, match=match)
 
 
 def test_sparse_initializer_external_data_outside_the_export(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from composekit.backends.onnxruntime_backend import check_external_data
+    from composekit.backends.graph import check_external_data
 
     values = helper.make_tensor("w_values", TensorProto.FLOAT, [1], [1.0])
     values.data_location = TensorProto.EXTERNAL
@@ -523,8 +530,9 @@ def test_generated_model_directory_mutations(tiny_model_dir, tmp_path_factory, f
 @settings(max_examples=150, **SETTINGS)
 @given(key=st.integers(0, 200), value=JSON_VALUES,
        target=st.sampled_from(["manifest", "dims", "component", "graph"]),
-       action=st.sampled_from(["set", "set", "delete", "truncate", "garbage", "empty", "missing"]), data=st.data())
-def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, target, action, data):
+       action=st.sampled_from(["set", "set", "delete", "truncate", "garbage", "empty", "missing"]), data=st.data(),
+       backend=st.sampled_from(EXPORT_BACKENDS))
+def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, target, action, data, backend):
     root = tmp_path_factory.mktemp("emut") / "e"
     shutil.copytree(export_dir, root)
     manifest_path = root / "manifest.json"
@@ -542,7 +550,7 @@ def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, ta
         manifest_path.write_text(json.dumps(manifest))
     else:
         _file_mutation(manifest_path, action)
-    _expect_typed(lambda: Compositor.from_pretrained(root, backend="onnxruntime", device="cpu"))
+    _expect_typed(lambda: Compositor.from_pretrained(root, backend=backend, device="cpu"))
     shutil.rmtree(root.parent, ignore_errors=True)
 
 

@@ -92,3 +92,60 @@ def test_generative_batch_on_a_cluster_by_address(shots, tmp_path, tiny_model_di
     records = _check(shots, tmp_path, ["--model", tiny_model_dir, "--steps", 2, "--device", "cpu"],
                      ["--address", cluster, "--workers", 2])
     assert all(r["seed"] is None for r in records if r["status"] == "skipped")
+
+
+# -- composekit serve --ray: the same app as a Ray Serve deployment on the module's cluster -----------------------
+
+
+def _ray_serving(cluster, *args):
+    pytest.importorskip("ray.serve")
+    from test_serve import serving
+
+    return serving("--ray", "--address", cluster, *args, env={**LOOPBACK_ENV, "RAY_AUTH_MODE": "token"})
+
+
+def test_serve_on_ray_answers_like_composekit_serve(tiny_model_dir, cluster):
+    from test_serve import BG, MALFORMED, OBJ, _array, call, paste, serving
+
+    requests = [dict(seed=s) for s in range(4)] + [dict(seed=5, method="classic", steps=""),
+                                                    dict(seed=6, fidelity=0.5)]
+    answers = {}
+    # One thread on both sides: Ray gives a replica OMP_NUM_THREADS = its CPUs (1), and float sums in
+    # another thread count round differently.
+    serve_args = ("--model", tiny_model_dir, "--device", "cpu", "--max-upload-mb", 1, "--threads", 1)
+    for name, server in (("local", serving), ("ray", lambda *a: _ray_serving(cluster, *a))):
+        with server(*serve_args) as (url, _):
+            status, _, body = call(url, "/readyz")
+            assert status == 200 and json.loads(body)["model"] is not None, body
+            answers[name] = [paste(url, **r) for r in requests]
+            answers[name] += [call(url, "/v1/paste", fields, {"object": OBJ, "background": BG} if files is None else files)
+                              for _, fields, files, _, _ in MALFORMED]
+    for i, ((s1, h1, b1), (s2, h2, b2)) in enumerate(zip(answers["local"], answers["ray"])):
+        assert s1 == s2, (i, s1, s2, b2[:300])
+        if s1 == 200:
+            np.testing.assert_array_equal(_array(b1), _array(b2))  # bit-identical images
+            for h in ("x-composekit-seed", "x-composekit-box", "x-composekit-method", "x-composekit-steps"):
+                assert h1[h] == h2[h], (i, h)
+        else:
+            assert json.loads(b1) == json.loads(b2), (i, b1, b2)  # the same JSON errors
+    assert sum(s == 200 for s, _, _ in answers["ray"]) == len(requests)
+
+
+def test_serve_on_ray_batches_through_serve_batch(tiny_model_dir, cluster):
+    from composekit import Compositor
+    from test_serve import _expected, _load, call
+
+    expected = _expected(Compositor.from_pretrained(tiny_model_dir, device="cpu"))
+    with _ray_serving(cluster, "--model", tiny_model_dir, "--device", "cpu", "--max-batch", 4,
+                      "--max-wait-ms", 300) as (url, _):
+        sizes = _load(url, 16, 8, expected, tolerance=1)
+        assert max(sizes) > 1, sizes  # requests were composited together by @serve.batch
+        _, _, body = call(url, "/metrics")
+        assert "composekit_batch_size_count" in body.decode()
+
+
+def test_serve_ray_flags_need_ray():
+    for flags, text in ((["--replicas", 2], "need --ray"), (["--address", "127.0.0.1:1"], "needs --ray"),
+                        (["--ray", "--port", 0], "fixed --port"), (["--ray", "--max-replicas", 0], "max-replicas")):
+        run = cli("serve", *flags)
+        assert run.returncode != 0 and text in run.stderr and "Traceback" not in run.stderr, (flags, run.stderr)

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InputError, install_hint
+from ..devices import parse_device
+from ..errors import BackendUnavailableError, install_hint
 
 __all__ = ["ArrayModule"]
 
@@ -28,11 +29,10 @@ class ArrayModule:
     """Arrays of one device: ``"cpu"`` (numpy) or ``"cuda"`` / ``"cuda:N"`` (CuPy)."""
 
     def __init__(self, device: str = "cpu") -> None:
-        kind, _, index = str(device).partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-            raise InputError(f"device {device!r} is not supported here; use 'cpu', 'cuda' or 'cuda:N'")
+        parsed = parse_device(device, backend="buffers of the exported-model runtimes", allowed=("cpu", "cuda"))
+        kind = parsed.kind
         self.device_type = kind
-        self.device_id = int(index or 0)
+        self.device_id = parsed.index or 0
         self._local = threading.local()
         if kind == "cpu":
             self.xp: Any = np

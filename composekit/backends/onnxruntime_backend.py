@@ -30,13 +30,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..configs import inside
+from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..engines import is_engine_dir
 from ..manifest import ExportManifest, is_export_dir, read_manifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo, model_call
+from .base import ModelInfo
+from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
 
 __all__ = ["OnnxRuntimeBackend", "load"]
 
@@ -62,106 +63,31 @@ def _providers(ort, device: Any, providers: Sequence[Any] | None) -> list[Any]:
         chosen = gpu + ["CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
         logger.info("device=None: onnxruntime providers %s (available: %s)", chosen, available)
         return chosen
-    kind = str(device).split(":")[0]
-    if kind == "cuda":
-        if not gpu:
-            raise BackendUnavailableError(
-                f"device {device!r} was requested but onnxruntime offers no GPU provider (available: {available}); "
-                f"{install_hint('gpu')}, or pass device='cpu'"
-            )
-        index = int(str(device).split(":")[1]) if ":" in str(device) else 0
-        return [(p, {"device_id": index}) for p in gpu] + ["CPUExecutionProvider"]
-    if kind == "cpu":
+    parsed = parse_device(device, backend="onnxruntime", allowed=("cpu", "cuda"))
+    if parsed.kind == "cpu":
         return ["CPUExecutionProvider"]
-    raise InputError(f"device {device!r} is not supported by the onnxruntime backend; use 'cpu' or 'cuda'")
-
-
-def _tensors_with_data(model: Any) -> Any:
-    """Every tensor of a graph that may carry external data: initializers, attribute tensors and the
-    values and indices of sparse initializers, in the main graph and every subgraph."""
-    from onnx.external_data_helper import _get_all_tensors
-
-    yield from _get_all_tensors(model)
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    graphs.append(attr.g)
-                graphs.extend(attr.graphs)
-
-
-def check_external_data(path: Path, root: Path) -> None:
-    """Refuse a graph whose external-data references leave ``root`` (absolute, ``..``, symlinks out).
-
-    Reads only the graph's protobuf (``load_external_data=False``), never the referenced files.
-    Sparse initializers are checked too (ONNX Runtime releases before late 2025 do not check them).
-    """
-    try:
-        import onnx
-        from onnx.external_data_helper import uses_external_data
-    except ImportError as exc:
+    if not gpu:
         raise BackendUnavailableError(
-            f"checking an exported graph's external data needs the onnx package; {install_hint('onnx')}"
-        ) from exc
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path} is not a readable ONNX graph ({type(exc).__name__}: {exc}); re-export the model") \
-            from None
-    for tensor in _tensors_with_data(model):
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        try:
-            target = inside(root, location, "external data", "export directory")
-            if target.is_symlink():
-                raise ModelError(f"{target} is a symlink")
-        except ModelError as exc:
-            raise ModelError(
-                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the export "
-                f"directory {root}; refusing to load it (re-export the model). ({exc})"
-            ) from None
+            f"device {device!r} was requested but onnxruntime offers no GPU provider (available: {available}); "
+            f"{install_hint('gpu')}, or pass device='cpu'"
+        )
+    return [(p, {"device_id": parsed.index or 0}) for p in gpu] + ["CPUExecutionProvider"]
 
 
-_ORT_FLOATS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
-def check_graph_io(session: Any, spec: Any, precision: str, path: Path) -> None:
-    """The graph's inputs and outputs are the spec's: names, ranks, fixed sizes and the manifest's precision.
-
-    Catches a graph swapped for another (with its sha256 updated) and a manifest whose precision or
-    dimensions contradict the graphs, at load time instead of inside the first run.
-    """
-    want = {t.name: t for t in (*spec.inputs, *spec.outputs)}
-    got = {a.name: a for a in (*session.get_inputs(), *session.get_outputs())}
-    if sorted(a.name for a in session.get_inputs()) != sorted(spec.input_names) or \
-            sorted(a.name for a in session.get_outputs()) != sorted(spec.output_names):
-        raise ModelError(f"{path}: graph inputs {sorted(a.name for a in session.get_inputs())} and outputs "
-                         f"{sorted(a.name for a in session.get_outputs())} are not the {spec.name} spec's "
-                         f"{spec.input_names} / {spec.output_names}; the file is not this export's graph. Re-export")
-    for name, tensor in want.items():
-        arg = got[name]
-        dtype = "tensor(int64)" if tensor.dtype == "int64" else _ORT_FLOATS[precision]
-        if arg.type != dtype:
-            raise ModelError(f"{path}: {name} is {arg.type}, but the manifest's precision {precision!r} needs {dtype}; "
-                             "the manifest and the graphs disagree. Re-export")
-        shape = list(arg.shape)
-        if len(shape) != len(tensor.shape) or any(isinstance(w, int) and isinstance(g, int) and w != g
-                                                  for w, g in zip(tensor.shape, shape)):
-            raise ModelError(f"{path}: {name} has shape {shape}; the manifest's dimensions give {list(tensor.shape)}. "
-                             "The manifest and the graphs disagree. Re-export")
+def _io(args: Any) -> list[tuple[str, str, list]]:
+    """(name, dtype, shape) of a session's inputs or outputs, as :func:`check_graph_io` takes them."""
+    return [(a.name, _ORT_TYPES.get(a.type, a.type), list(a.shape)) for a in args]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
 
     def __init__(self, manifest: ExportManifest, providers: list[Any], session_options: Any,
-                 arrays: ArrayModule | None = None, io_binding: bool = False) -> None:
+                 arrays: ArrayModule | None = None, io_binding: bool = False,
+                 components: tuple[str, ...] = COMPONENT_NAMES) -> None:
         """``io_binding``: call graphs through IO binding with buffers of ``arrays``' device (host by default)."""
         import onnxruntime as ort
 
@@ -170,7 +96,8 @@ class OnnxRuntimeBackend:
         self.io_binding = io_binding
         self.specs = manifest.specs()
         self.sessions = {}
-        for name in COMPONENT_NAMES:
+        self.decoder = components[-1]
+        for name in components:
             path = manifest.path(name)
             check_external_data(path, manifest.root)
             try:
@@ -178,7 +105,9 @@ class OnnxRuntimeBackend:
                                                            providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ModelError(f"onnxruntime could not load {path}: {exc}") from exc
-            check_graph_io(self.sessions[name], self.specs[name], manifest.precision, path)
+            session = self.sessions[name]
+            check_graph_io(_io(session.get_inputs()), _io(session.get_outputs()), self.specs[name],
+                           manifest.precision, path)
         self.providers = self.sessions["unet"].get_providers()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
         self.info = ModelInfo.from_manifest(manifest, str(manifest.root))
@@ -187,7 +116,7 @@ class OnnxRuntimeBackend:
         binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""
         return f"{self.providers[0]}, {self.manifest.precision}{binding}"
 
-    def _run(self, name: str, **inputs: Any) -> list[Any]:
+    def _run(self, name: str, inputs: dict[str, Any]) -> list[Any]:
         if self.io_binding:
             return self._run_bound(name, inputs)
         feeds = {k: (v if v.dtype == np.int64 else v.astype(self.float, copy=False)) for k, v in inputs.items()}
@@ -208,48 +137,15 @@ class OnnxRuntimeBackend:
         session.run_with_iobinding(binding)
         return [arrays.cast(outputs[k], np.float32) for k in spec.output_names]
 
-    # -- plumbing ---------------------------------------------------------------------------------
-
-    def asarray(self, x: np.ndarray) -> Any:
-        return self.arrays.from_host(x)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return self.arrays.to_host(x)
-
-    def cat(self, xs: list[Any], axis: int) -> Any:
-        return self.arrays.concatenate(xs, axis)
-
-    def synchronize(self) -> None:
-        self.arrays.synchronize()
-
-    # -- the four components ----------------------------------------------------------------------
-
-    @model_call("image encoder")
-    def encode_object(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        context, uncond = self._run("object_encoder", pixel_values=self.asarray(pixels))
-        return context, uncond
-
-    @model_call("VAE encoder")
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        return self._run("vae_encoder", image=image)[0]
-
-    @model_call("U-Net")
-    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
-        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), dtype=np.int64), np.int64)
-        return self._run("unet", sample=sample, timestep=t, encoder_hidden_states=context)[0]
-
-    @model_call("VAE decoder")
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._run("vae_decoder", latent=latents)[0]
-
 
 def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
          intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-         graph_optimization: str = "all", io_binding: bool | None = None) -> OnnxRuntimeBackend:
+         graph_optimization: str = "all", io_binding: bool | None = None, vae: str | None = None) -> OnnxRuntimeBackend:
     """Load an export directory. ``dtype`` must be None or the export's precision (it is fixed at export).
 
     ``io_binding``: None = on with a CUDA provider (latents stay on the GPU, needs CuPy), off on the
-    CPU; True on the CPU binds host buffers (same results as plain runs).
+    CPU; True on the CPU binds host buffers (same results as plain runs). ``vae="tiny"``: decode with
+    the export's tiny decoder (``--tiny-vae``).
     """
     try:
         import onnxruntime as ort
@@ -268,6 +164,7 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
             f"`composekit-export onnx {model_dir} OUT_DIR`, or use backend='torch'"
         )
     manifest = read_manifest(model_dir)
+    components = graph_components(manifest, vae)
     if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") not in (manifest.precision,):
         raise InputError(
             f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; "
@@ -293,4 +190,4 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
     if io_binding and on_gpu:
         index = chosen[0][1].get("device_id", 0) if isinstance(chosen[0], (tuple, list)) and len(chosen[0]) > 1 else 0
         arrays = ArrayModule(f"cuda:{index}")
-    return OnnxRuntimeBackend(manifest, chosen, options, arrays, io_binding)
+    return OnnxRuntimeBackend(manifest, chosen, options, arrays, io_binding, components)

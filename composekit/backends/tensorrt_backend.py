@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 
 from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, read_engine_dir
+from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo, model_call
+from .base import ModelInfo
+from .graph import GraphBackend
 
 __all__ = ["TensorRTBackend", "load"]
 
@@ -53,7 +55,7 @@ class _Binding:
         self.runs = 0
 
 
-class TensorRTBackend:
+class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(self, root: Path, *, trt: Any, arrays: ArrayModule, gpu: tuple[str, str],
@@ -160,47 +162,10 @@ class TensorRTBackend:
             binding.runs += 1
             return [binding.buffers[t].astype(np.float32) for t in self.specs[name].output_names]
 
-    # -- plumbing ---------------------------------------------------------------------------------
-
-    def asarray(self, x: np.ndarray) -> Any:
-        return self.arrays.from_host(x)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return self.arrays.to_host(x)
-
-    def cat(self, xs: list[Any], axis: int) -> Any:
-        return self.arrays.concatenate(xs, axis)
-
-    def synchronize(self) -> None:
-        self.arrays.synchronize()
-
-    # -- the four components ----------------------------------------------------------------------
-
-    @model_call("image encoder")
-    def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
-        context, uncond = self._run("object_encoder", {"pixel_values": self.asarray(pixels)})
-        return context, uncond
-
-    @model_call("VAE encoder")
-    def encode_image(self, image: Any) -> Any:
-        return self._run("vae_encoder", {"image": image})[0]
-
-    @model_call("U-Net")
-    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
-        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
-        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
-
-    @model_call("VAE decoder")
-    def decode(self, latents: Any) -> Any:
-        return self._run("vae_decoder", {"latent": latents})[0]
-
 
 def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]]:
     """TensorRT, the GPU's arrays and the GPU's identity; clear errors when any is missing."""
-    kind, _, index = str(device if device is not None else "cuda").partition(":")
-    if kind != "cuda":
-        raise BackendUnavailableError(f"the tensorrt backend runs on CUDA GPUs only; got device={device!r}. Use "
-                                      "backend='onnxruntime' or 'torch' on the CPU")
+    parsed = parse_device("cuda" if device is None else device, backend="tensorrt", allowed=("cuda",))
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -209,7 +174,7 @@ def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]
             "cuda13 extra) "
             "(and an NVIDIA GPU); exported ONNX models also run with backend='onnxruntime'"
         ) from exc
-    arrays = ArrayModule(f"cuda:{index or 0}")
+    arrays = ArrayModule(f"cuda:{parsed.index or 0}")
     return trt, arrays, gpu_identity(arrays.device_id)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError
 from ..loading import ModelFiles, read_model_dir
 from . import HOLDS, detect_backend
@@ -41,10 +42,7 @@ def _device(device: Any) -> torch.device:
         chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         logger.info("device=None: using %s", chosen)
         return chosen
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"device {device!r} is not a valid torch device ('cpu', 'cuda', 'cuda:1', ...)") from exc
+    dev = torch.device(str(parse_device(device, backend="torch", allowed=("cpu", "cuda", "mps"))))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"device {device!r} was requested but torch sees no CUDA GPU (torch {torch.__version__}, "
@@ -54,8 +52,6 @@ def _device(device: Any) -> torch.device:
         raise BackendUnavailableError(
             f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s)"
         )
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise BackendUnavailableError(f"device type {dev.type!r} is not supported; use 'cpu' or 'cuda'")
     return dev
 
 
@@ -178,6 +174,7 @@ class TorchBackend:
 
         self.device, self.dtype = device, dtype
         self.channels_last, self.compile_mode = channels_last, compile
+        self.tiny_vae: Any = None  # an AutoencoderTiny that replaces the VAE's decoder (load(vae=...))
         self._timesteps: dict[int, torch.Tensor] = {}
         self.family = files.family
         loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
@@ -217,6 +214,7 @@ class TorchBackend:
         extras = (["channels_last"] if self.channels_last else []) + (
             [f"compiled ({self.compile_mode if isinstance(self.compile_mode, str) else 'default'})"]
             if self.compile_mode else [])
+        extras += ["tiny VAE decoder"] if self.tiny_vae is not None else []
         return ", ".join([str(self.device), str(self.dtype).replace("torch.", ""), *extras])
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -272,11 +270,42 @@ class TorchBackend:
     @torch.inference_mode()
     @model_call("VAE decoder")
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.tiny_vae is not None:  # a tiny autoencoder decodes the U-Net's (scaled) latents directly
+            return self.tiny_vae.decode(latents).sample
         return self.vae.decode(latents / self.scaling).sample
 
 
+def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_channels: int) -> Any:
+    """A diffusers ``AutoencoderTiny`` directory (TAESD's layout), checked like every component."""
+    from diffusers import AutoencoderTiny
+
+    from ..configs import read_json
+    from ..loading import check_safetensors
+
+    fix = "pass the folder (or Hub id) of a diffusers AutoencoderTiny such as madebyollin/taesd"
+    config = read_json(path / "config.json", fix=fix, missing=f"{path} has no config.json; {fix}")
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ModelError(f"{path} holds a {config.get('_class_name')!r}, not an AutoencoderTiny; {fix}")
+    if config.get("latent_channels") != latent_channels:
+        raise ModelError(f"{path}: the tiny VAE has {config.get('latent_channels')!r} latent channels, the model "
+                         f"{latent_channels}; {fix} made for this model's latent space")
+    weights = path / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path} has no diffusion_pytorch_model.safetensors (pickle weights are refused); {fix}")
+    check_safetensors(weights)
+    try:
+        with quiet_loading():
+            module, info = AutoencoderTiny.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False,
+                                                           output_loading_info=True)
+    except Exception as exc:  # diffusers raises many types for configs and weights that disagree
+        raise ModelError(f"could not load the tiny VAE from {path}: {type(exc).__name__}: {exc}; {fix}") from exc
+    if info.get("missing_keys"):
+        raise ModelError(f"{path}: the tiny VAE's weights lack {sorted(info['missing_keys'])[:5]}; {fix}")
+    return module.to(device, dtype).eval()
+
+
 def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
-         compile: bool | str = False) -> TorchBackend:
+         compile: bool | str = False, vae: Path | None = None) -> TorchBackend:
     """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``.
 
     ``channels_last``: NHWC memory layout for the U-Net and VAE (None = on for CUDA, off on the CPU).
@@ -298,5 +327,10 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_las
     modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if not isinstance(compile, bool) and compile not in modes:
         raise InputError(f"compile must be True, False or one of {modes}, got {compile!r}")
+    if vae is not None and (not isinstance(vae, Path) or not vae.is_dir()):
+        raise InputError(f"vae={vae!r}: pass the folder or Hub id of a diffusers AutoencoderTiny (e.g. madebyollin/taesd)")
     with _LOAD_LOCK:
-        return TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
+        backend = TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
+        if vae is not None:
+            backend.tiny_vae = load_tiny_vae(vae, dev, dt, backend.info.latent_channels)
+        return backend

@@ -1,0 +1,166 @@
+"""What every runtime of exported graphs shares: the four component calls, the array plumbing, and the
+load-time checks of an export's graphs (external data inside the directory, inputs and outputs as the
+spec says).
+
+A graph runtime (ONNX Runtime, OpenVINO, TensorRT) subclasses :class:`GraphBackend` and implements one
+method, ``_run(component, inputs) -> outputs`` (float32 arrays of :attr:`arrays`' device, in the
+spec's output order). No torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..configs import inside
+from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
+from .arrays import ArrayModule
+from .base import ModelInfo, model_call
+
+__all__ = ["GraphBackend", "check_external_data", "check_graph_io", "graph_components"]
+
+
+def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
+    """The components to load from an export: the four, with the tiny decoder for ``vae="tiny"``."""
+    if vae is None:
+        return ("object_encoder", "unet", "vae_encoder", "vae_decoder")
+    if vae != "tiny":
+        raise InputError(f"vae={vae!r}: an export decodes with the decoders it was exported with; pass vae='tiny' "
+                         "for the tiny decoder exported beside the VAE (composekit-export onnx --tiny-vae DIR), "
+                         "or vae=None")
+    if not manifest.has("tiny_vae_decoder"):
+        raise InputError(f"vae='tiny': the export {manifest.root} has no tiny decoder; re-export it with "
+                         "`composekit-export onnx MODEL OUT --tiny-vae TAESD_DIR`, or pass vae=None")
+    return ("object_encoder", "unet", "vae_encoder", "tiny_vae_decoder")
+
+
+class GraphBackend:
+    """The :class:`~composekit.backends.base.Backend` interface over an abstract ``_run``."""
+
+    name: str
+    info: ModelInfo
+    arrays: ArrayModule
+    decoder: str = "vae_decoder"  # or "tiny_vae_decoder"
+
+    def _run(self, component: str, inputs: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.arrays.from_host(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.arrays.to_host(x)
+
+    def cat(self, xs: list[Any], axis: int) -> Any:
+        return self.arrays.concatenate(xs, axis)
+
+    def synchronize(self) -> None:
+        self.arrays.synchronize()
+
+    # -- the four components ----------------------------------------------------------------------
+
+    @model_call("image encoder")
+    def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
+        context, uncond = self._run("object_encoder", {"pixel_values": self.asarray(pixels)})
+        return context, uncond
+
+    @model_call("VAE encoder")
+    def encode_image(self, image: Any) -> Any:
+        return self._run("vae_encoder", {"image": image})[0]
+
+    @model_call("U-Net")
+    def unet(self, sample: Any, timestep: int, context: Any) -> Any:
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
+        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
+
+    @model_call("VAE decoder")
+    def decode(self, latents: Any) -> Any:
+        return self._run(self.decoder, {"latent": latents})[0]
+
+
+# -- load-time checks of an export's graphs ------------------------------------------------------------
+
+
+def _tensors_with_data(model: Any) -> Any:
+    """Every tensor of a graph that may carry external data: initializers, attribute tensors and the
+    values and indices of sparse initializers, in the main graph and every subgraph."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(model)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def check_external_data(path: Path, root: Path) -> None:
+    """Refuse a graph whose external-data references leave ``root`` (absolute, ``..``, symlinks out).
+
+    Reads only the graph's protobuf (``load_external_data=False``), never the referenced files.
+    Sparse initializers are checked too (ONNX Runtime releases before late 2025 do not check them).
+    """
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"checking an exported graph's external data needs the onnx package; {install_hint('onnx')}"
+        ) from exc
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path} is not a readable ONNX graph ({type(exc).__name__}: {exc}); re-export the model") \
+            from None
+    for tensor in _tensors_with_data(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        try:
+            target = inside(root, location, "external data", "export directory")
+            if target.is_symlink():
+                raise ModelError(f"{target} is a symlink")
+        except ModelError as exc:
+            raise ModelError(
+                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, outside the export "
+                f"directory {root}; refusing to load it (re-export the model). ({exc})"
+            ) from None
+
+
+_FLOATS = {"fp32": "float32", "fp16": "float16"}
+
+
+def check_graph_io(inputs: Iterable[tuple[str, str, list]], outputs: Iterable[tuple[str, str, list]], spec: Any,
+                   precision: str, path: Path) -> None:
+    """The graph's inputs and outputs are the spec's: names, ranks, fixed sizes and the manifest's precision.
+
+    ``inputs``/``outputs``: (name, numpy dtype name, shape with ints for fixed sizes) as the runtime
+    reports them. Catches a graph swapped for another (with its sha256 updated) and a manifest whose
+    precision or dimensions contradict the graphs, at load time instead of inside the first run.
+    """
+    got_in, got_out = list(inputs), list(outputs)
+    names_in, names_out = sorted(n for n, _, _ in got_in), sorted(n for n, _, _ in got_out)
+    if names_in != sorted(spec.input_names) or names_out != sorted(spec.output_names):
+        raise ModelError(f"{path}: graph inputs {names_in} and outputs {names_out} are not the {spec.name} spec's "
+                         f"{spec.input_names} / {spec.output_names}; the file is not this export's graph. Re-export")
+    got = {name: (dtype, shape) for name, dtype, shape in (*got_in, *got_out)}
+    for tensor in (*spec.inputs, *spec.outputs):
+        dtype, shape = got[tensor.name]
+        want = "int64" if tensor.dtype == "int64" else _FLOATS[precision]
+        if dtype != want:
+            raise ModelError(f"{path}: {tensor.name} is {dtype}, but the manifest's precision {precision!r} needs "
+                             f"{want}; the manifest and the graphs disagree. Re-export")
+        if len(shape) != len(tensor.shape) or any(isinstance(w, int) and isinstance(g, int) and w != g
+                                                  for w, g in zip(tensor.shape, shape)):
+            raise ModelError(f"{path}: {tensor.name} has shape {list(shape)}; the manifest's dimensions give "
+                             f"{list(tensor.shape)}. The manifest and the graphs disagree. Re-export")

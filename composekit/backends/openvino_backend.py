@@ -1,0 +1,208 @@
+"""OpenVINO backend: runs an exported model (``composekit-export onnx``) with OpenVINO, without PyTorch.
+
+It reads the same export directory as the ONNX Runtime backend, with the same checks (manifest and
+sha256 of every file, external data inside the directory, graph inputs and outputs against the spec).
+
+How it runs:
+
+1. Each graph is read once and compiled for **static shapes**: the export's fixed window, and one
+   batch size per compiled copy — at load, the U-Net at batch 2 (classifier-free guidance) and
+   batch 1 (after the guidance cut-off) and the encoders and decoder at batch 1; other batch sizes
+   (``paste_batch``) are compiled the first time they are needed.
+2. Precision: ``precision="bf16"`` computes in bfloat16 on CPUs that have it (AVX-512 BF16 / AMX),
+   ``"f32"`` in float32, ``"f16"`` in float16 where the device reports it; the default is bf16 where
+   the CPU supports it, else f32. The sampler's arithmetic stays in float32 either way.
+3. Compiled models are cached in ``cache_dir`` (default: composekit's folder in the user cache,
+   ``~/.cache/composekit/openvino``; ``cache_dir=False`` turns it off), so a second load of the
+   same export skips compilation.
+4. Each thread gets its own infer request per compiled model, so one backend serves concurrent callers.
+
+Devices: ``"cpu"`` (default), and ``"gpu"``/``"gpu.N"``/``"npu"`` where OpenVINO reports an Intel GPU
+or NPU. CUDA devices are not OpenVINO's: use ``backend="onnxruntime"``/``"tensorrt"`` there.
+NOT RUN BY THE PROJECT: Intel GPU and NPU devices (none here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..devices import parse_device
+from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
+from ..manifest import ExportManifest, is_export_dir, read_manifest
+from ..specs import COMPONENT_NAMES
+from .arrays import ArrayModule
+from .base import ModelInfo
+from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
+
+__all__ = ["OpenVINOBackend", "load", "default_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}  # composekit's names -> OpenVINO's hint values
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES that allow each
+_OV_TYPES = {"f32": "float32", "f16": "float16", "i64": "int64"}
+
+
+def default_cache_dir() -> Path:
+    """Where compiled models are cached: ``$COMPOSEKIT_CACHE`` or ``$XDG_CACHE_HOME/composekit`` (``~/.cache``)."""
+    base = os.environ.get("COMPOSEKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "composekit"
+    return Path(base) / "openvino"
+
+
+def _io(ports: Any) -> list[tuple[str, str, list]]:
+    """(name, dtype, shape) of a model's inputs or outputs, as :func:`check_graph_io` takes them."""
+    out = []
+    for port in ports:
+        kind = port.get_element_type().get_type_name()
+        shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+        out.append((port.get_any_name(), _OV_TYPES.get(kind, kind), shape))
+    return out
+
+
+class OpenVINOBackend(GraphBackend):
+    name = "openvino"
+
+    def __init__(self, manifest: ExportManifest, core: Any, device: str, config: dict[str, Any],
+                 components: tuple[str, ...] = COMPONENT_NAMES) -> None:
+        self.manifest, self.core, self.device, self.config = manifest, core, device, config
+        self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
+        self.specs = manifest.specs()
+        self.float = np.float16 if manifest.precision == "fp16" else np.float32
+        self.info = ModelInfo.from_manifest(manifest, str(manifest.root))
+        self.models: dict[str, Any] = {}
+        self.decoder = components[-1]
+        for name in components:
+            path = manifest.path(name)
+            check_external_data(path, manifest.root)
+            try:
+                model = core.read_model(str(path))
+            except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+                raise ModelError(f"OpenVINO could not read {path}: {exc}") from exc
+            check_graph_io(_io(model.inputs), _io(model.outputs), self.specs[name], manifest.precision, path)
+            self.models[name] = model
+        self.compiled: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        for name, batch in (("object_encoder", 1), ("vae_encoder", 1), ("unet", 2), ("unet", 1), (self.decoder, 1)):
+            self._compiled(name, batch)
+
+    def describe(self) -> str:
+        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}"
+
+    def _compiled(self, name: str, batch: int) -> Any:
+        """The model compiled for batch ``batch`` with the spec's fixed sizes (compiled once, then kept)."""
+        key = (name, batch)
+        with self._lock:
+            if key not in self.compiled:
+                low, _, high = self.specs[name].ranges.get("B", (1, 1, 1))
+                if not low <= batch <= high:
+                    raise InputError(f"{name}: batch {batch} is outside this export's range {low}..{high} "
+                                     f"(max_batch {self.info.max_batch}); use a smaller batch_size")
+                model = self.models[name].clone()
+                shapes = {t.name: [batch if d == "B" else self._dim(d) for d in t.shape]
+                          for t in self.specs[name].inputs}
+                model.reshape(shapes)
+                try:
+                    self.compiled[key] = self.core.compile_model(model, self.device, self.config)
+                except Exception as exc:
+                    raise ModelError(f"OpenVINO could not compile the {name} for {self.device} at batch {batch}: "
+                                     f"{exc}") from exc
+                logger.info("compiled %s for batch %d on %s", name, batch, self.device)
+            return self.compiled[key]
+
+    def _dim(self, d: Any) -> int:
+        if isinstance(d, int):
+            return d
+        raise ModelError(f"the export's spec leaves dimension {d!r} open; only the batch may be open. Re-export")
+
+    def _request(self, name: str, batch: int) -> Any:
+        requests = self._local.__dict__.setdefault("requests", {})
+        key = (name, batch)
+        if key not in requests:
+            requests[key] = self._compiled(name, batch).create_infer_request()
+        return requests[key]
+
+    def _run(self, name: str, inputs: dict[str, Any]) -> list[Any]:
+        batch = int(next(iter(inputs.values())).shape[0])
+        request = self._request(name, batch)
+        feeds = {k: (v if v.dtype == np.int64 else np.ascontiguousarray(v, dtype=self.float))
+                 for k, v in inputs.items()}
+        request.infer(feeds)
+        return [np.array(request.get_tensor(k).data, dtype=np.float32) for k in self.specs[name].output_names]
+
+
+def _device(core: Any, device: Any) -> str:
+    """composekit's device string -> OpenVINO's device name, checked against what OpenVINO reports."""
+    parsed = parse_device("cpu" if device is None else device, backend="openvino", allowed=("cpu", "gpu", "npu"))
+    name = parsed.kind.upper() + ("" if parsed.index is None else f".{parsed.index}")
+    available = list(core.available_devices)
+    if name not in available and not (parsed.index is None and any(d.startswith(name) for d in available)):
+        raise BackendUnavailableError(f"device {device!r} is not available to OpenVINO here (available: "
+                                      f"{[d.lower() for d in available]}); use device='cpu'")
+    return name
+
+
+def load(model_dir: Path, *, device: Any = None, dtype: Any = None, precision: str | None = None,
+         threads: int | None = None, cache_dir: str | os.PathLike | bool | None = None,
+         vae: str | None = None) -> OpenVINOBackend:
+    """Load an export directory with OpenVINO.
+
+    ``precision``: ``"f32"``, ``"bf16"`` or ``"f16"`` (inference precision; None = bf16 where the device
+    supports it, else f32). ``dtype`` must be None or the export's precision (fixed at export).
+    ``threads``: OpenVINO's inference threads (None = its default, all cores). ``cache_dir``: where
+    compiled models are cached (None = :func:`default_cache_dir`, False = no cache). ``vae="tiny"``:
+    decode with the export's tiny decoder (``--tiny-vae``).
+    """
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the openvino backend needs OpenVINO; {install_hint('openvino')}") from exc
+    model_dir = Path(model_dir)
+    if not is_export_dir(model_dir):
+        raise ModelError(f"{model_dir} is not an exported model (no manifest.json); export it first with "
+                         f"`composekit-export onnx {model_dir} OUT_DIR`, or use backend='torch'")
+    manifest = read_manifest(model_dir)
+    if manifest.optimized:
+        raise ModelError(f"{model_dir} was exported with --optimize {manifest.optimized}: its U-Net uses ONNX Runtime's "
+                         "own fused operators, which OpenVINO cannot run. Load it with backend='onnxruntime', or "
+                         "export without --optimize for OpenVINO")
+    components = graph_components(manifest, vae)
+    if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") != manifest.precision:
+        raise InputError(f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; pass "
+                         "dtype=None (for OpenVINO's compute precision use precision='f32'|'bf16')")
+    core = ov.Core()
+    name = _device(core, device)
+    capabilities = set(core.get_property(name, "OPTIMIZATION_CAPABILITIES"))
+    if precision is None:
+        precision = "bf16" if "BF16" in capabilities else "f32"
+        logger.info("precision=None: OpenVINO computes in %s on %s", precision, name)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if _CAPABILITY[precision] not in capabilities:
+        raise BackendUnavailableError(f"precision {precision!r} is not supported by OpenVINO's {name} here "
+                                      f"(it reports {sorted(capabilities)}); use precision='f32'")
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
+            raise InputError(f"threads must be an integer in 1..1024, got {threads!r}")
+        config["INFERENCE_NUM_THREADS"] = threads
+    if cache_dir is not False:
+        if cache_dir is True:
+            cache_dir = None
+        folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        try:
+            (folder / f"{name.lower()}-{precision}").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the OpenVINO cache folder {folder}: {exc.strerror or exc}; pass "
+                             "cache_dir=<a writable folder> or cache_dir=False") from None
+        # One folder per device and precision: OpenVINO 2026.4 was seen loading a blob compiled for f32
+        # when bf16 was asked for (NaN results), so the cache key must not rely on the config alone.
+        config["CACHE_DIR"] = str(folder / f"{name.lower()}-{precision}")
+    return OpenVINOBackend(manifest, core, name, config, components)

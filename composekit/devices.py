@@ -1,0 +1,46 @@
+"""One parser for device strings, used by every backend and by the buffers of the exported-model runtimes.
+
+``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` (torch), ``"gpu"``, ``"gpu.1"``, ``"npu"`` (OpenVINO's
+Intel devices); case and surrounding spaces do not matter, and a ``torch.device`` works too. Each
+backend says which kinds it runs on; a kind it does not run on is a
+:class:`~composekit.errors.BackendUnavailableError` that names the backends that do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BackendUnavailableError, InputError
+
+__all__ = ["Device", "parse_device", "KINDS"]
+
+# kind -> the backends that run on it (for messages)
+KINDS = {"cpu": "torch, onnxruntime, openvino", "cuda": "torch, onnxruntime (onnxruntime-gpu), tensorrt",
+         "mps": "torch", "gpu": "openvino (Intel GPUs)", "npu": "openvino (Intel NPUs)"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A parsed device: its kind and index (None = the default one of that kind)."""
+
+    kind: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
+
+
+def parse_device(device: Any, *, backend: str, allowed: tuple[str, ...]) -> Device | None:
+    """``device`` (None stays None: the backend picks) checked against the kinds ``backend`` runs on."""
+    if device is None:
+        return None
+    text = str(device).strip().lower()
+    kind, sep, index = text.replace(".", ":", 1).partition(":")
+    if kind not in KINDS or (sep and not index.isdigit()):
+        raise InputError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps', or OpenVINO's "
+                         "'gpu', 'gpu.N', 'npu'")
+    if kind not in allowed:
+        raise BackendUnavailableError(f"the {backend} backend does not run on device {device!r} (it runs on "
+                                      f"{', '.join(allowed)}); {kind} devices run with: {KINDS[kind]}")
+    return Device(kind, int(index) if sep else None)

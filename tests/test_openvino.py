@@ -1,0 +1,189 @@
+"""The OpenVINO backend on tiny exports of both families (CPU): parity with torch and ONNX Runtime,
+the background guarantee, batches, fidelity, precision and option errors, the compiled-model cache,
+threads, and no torch import. The export checks (tampered manifests, swapped graphs, generated
+mutations) run on OpenVINO too, in test_hostile.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from composekit import BackendUnavailableError, Compositor, InputError, ModelError
+from composekit.random_models import make_random_model
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+BOX = (20, 10, 100, 80)
+# Measured on this project's CPU (tiny random models of both families, 5 steps, 2026-11-25): f32 final
+# latents differ from torch's by 1.8e-5..3.0e-5 (bound 1e-3, as ONNX Runtime's), bf16 by 0.48 where the
+# latents reach 17-18, i.e. 2.8% of their largest value (bound 6%); images by 0 (bound 2) and 6-8
+# (bound 16) levels of 255.
+LATENT_BOUND = {"f32": 1e-3, "bf16": 0.06}
+IMAGE_BOUND = {"f32": 2, "bf16": 16}
+
+
+def _bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+PRECISIONS = ["f32"] + (["bf16"] if _bf16() else [])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir):
+    from composekit_export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("ov")
+    os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
+    out = {"paint_by_example": (tiny_model_dir, root / "pbe"), "objectstitch": (os_model, root / "os")}
+    for src, dst in out.values():
+        export_onnx(src, dst)
+    return out
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_openvino_matches_torch(exported, family, precision):
+    src, dst = exported[family]
+    torch_comp = Compositor.from_pretrained(src, device="cpu")
+    ov_comp = Compositor.from_pretrained(dst, backend="openvino", precision=precision)
+    assert ov_comp.backend.name == "openvino" and ov_comp.backend.info.family == family
+    assert precision in ov_comp.backend.describe()
+    bg, obj = gradient_background(140, 100), noise_object()
+    lat_t, lat_o = [], []
+    a = torch_comp.paste(obj, bg, BOX, steps=5, seed=3, progress=False, callback=lambda i, t, x: lat_t.append(x))
+    b = ov_comp.paste(obj, bg, BOX, steps=5, seed=3, progress=False, callback=lambda i, t, x: lat_o.append(x))
+    scale = max(1.0, float(np.abs(lat_t[-1]).max())) if precision != "f32" else 1.0
+    assert np.abs(lat_t[-1] - lat_o[-1]).max() <= LATENT_BOUND[precision] * scale
+    assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= IMAGE_BOUND[precision]
+    np.testing.assert_array_equal(np.asarray(b.image)[~b.mask], np.asarray(bg)[~b.mask])  # background exact
+
+
+def test_openvino_f32_equals_onnxruntime_closely_and_guidance_cutoff_runs(exported):
+    _, dst = exported["paint_by_example"]
+    ort = Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu")
+    ov = Compositor.from_pretrained(dst, backend="openvino", device="cpu", precision="f32")
+    bg, obj = gradient_background(140, 100), noise_object()
+    kw = dict(steps=4, seed=2, guidance_end=0.5, progress=False)  # U-Net batch 2, then batch 1
+    lat_r, lat_v = [], []
+    a = ort.paste(obj, bg, BOX, callback=lambda i, t, x: lat_r.append(x), **kw)
+    b = ov.paste(obj, bg, BOX, callback=lambda i, t, x: lat_v.append(x), **kw)
+    for x, y in zip(lat_r, lat_v):
+        assert np.abs(x - y).max() <= 1e-4
+    assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 1
+    assert set(ov.backend.compiled) >= {("unet", 1), ("unet", 2)}  # static shapes, compiled at load
+
+
+@pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
+def test_paste_batch_and_fidelity_on_openvino(exported, family):
+    _, dst = exported[family]
+    comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32")
+    jobs = [dict(object=noise_object(seed=i), background=gradient_background(140 + 20 * i, 100), box=BOX, seed=i)
+            for i in range(3)]
+    jobs.insert(1, dict(object=noise_object(), background=gradient_background(40, 40), box=BOX))
+    results = comp.paste_batch(jobs, batch_size=4, steps=2, guidance=3.0)
+    assert isinstance(results[1], InputError)
+    assert ("unet", 6) in comp.backend.compiled  # a batch size not compiled at load, compiled on first use
+    assert_batch_matches_one_by_one(comp, jobs, results, steps=2, guidance=3.0)
+    bg, obj = gradient_background(140, 100), noise_object()
+    plain = np.asarray(comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False).image)
+    zero = np.asarray(comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False, fidelity=0.0).image)
+    np.testing.assert_array_equal(plain, zero)
+    faithful = comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False, fidelity=0.7)
+    assert not np.array_equal(np.asarray(faithful.image), plain)
+    np.testing.assert_array_equal(np.asarray(faithful.image)[~faithful.mask], np.asarray(bg)[~faithful.mask])
+
+
+def test_options_and_devices_are_checked(exported, tmp_path):
+    _, dst = exported["paint_by_example"]
+    src, _ = exported["paint_by_example"]
+    with pytest.raises(InputError, match="precision must be one of"):
+        Compositor.from_pretrained(dst, backend="openvino", precision="int4")
+    with pytest.raises(BackendUnavailableError, match="cuda devices run with: .*tensorrt"):
+        Compositor.from_pretrained(dst, backend="openvino", device="cuda")
+    with pytest.raises(BackendUnavailableError, match="not available to OpenVINO"):
+        Compositor.from_pretrained(dst, backend="openvino", device="npu.7")
+    with pytest.raises(InputError, match="threads"):
+        Compositor.from_pretrained(dst, backend="openvino", threads=0)
+    with pytest.raises(InputError, match="dtype"):
+        Compositor.from_pretrained(dst, backend="openvino", dtype="float16")
+    with pytest.raises(ModelError, match="not an exported model"):
+        Compositor.from_pretrained(src, backend="openvino")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cache folder"):
+        Compositor.from_pretrained(dst, backend="openvino", cache_dir=blocker / "sub")
+    with pytest.raises(InputError, match="takes no option"):
+        Compositor.from_pretrained(dst, backend="openvino", providers=["CPUExecutionProvider"])
+    # auto never falls back to the CPU when a GPU was asked for: onnxruntime is chosen and says why it cannot
+    with pytest.raises(BackendUnavailableError, match="GPU provider"):
+        Compositor.from_pretrained(dst, device="cuda")
+
+
+def test_compiled_model_cache_and_threads(exported, tmp_path):
+    _, dst = exported["objectstitch"]
+    bg, obj = gradient_background(120, 90), noise_object()
+    images = []
+    for _ in range(2):  # the second load reads the compiled models from the cache; the result is the same
+        comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32", cache_dir=tmp_path / "c", threads=1)
+        images.append(np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=5, progress=False).image))
+    assert list((tmp_path / "c" / "cpu-f32").glob("*.blob"))
+    np.testing.assert_array_equal(images[0], images[1])
+    assert comp.backend.config["INFERENCE_NUM_THREADS"] == 1
+    uncached = Compositor.from_pretrained(dst, backend="openvino", precision="f32", cache_dir=False)
+    assert "CACHE_DIR" not in uncached.backend.config
+    np.testing.assert_array_equal(np.asarray(uncached.paste(obj, bg, BOX, steps=2, seed=5, progress=False).image),
+                                  images[0])
+
+
+def test_one_backend_serves_several_threads(exported):
+    _, dst = exported["paint_by_example"]
+    comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32")
+    bg, obj = gradient_background(120, 90), noise_object()
+    expected = {s: np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=s, progress=False).image) for s in range(4)}
+    got, errors = {}, []
+
+    def work(seed):
+        try:
+            got[seed] = np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=seed, progress=False).image)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for s in range(4):
+        np.testing.assert_array_equal(got[s], expected[s])
+
+
+def test_openvino_never_imports_torch(exported):
+    _, dst = exported["paint_by_example"]
+    code = textwrap.dedent(f"""
+        import logging, sys
+        import numpy as np
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        from composekit import Compositor
+        comp = Compositor.from_pretrained({str(dst)!r})
+        bg = np.full((90, 120, 3), 100, np.uint8)
+        r = comp.paste(np.full((30, 30, 3), 200, np.uint8), bg, (10, 10, 60, 60), steps=2, seed=0, progress=False)
+        assert (r.image[~r.mask] == bg[~r.mask]).all()
+        assert "torch" not in sys.modules, "the openvino path imported torch"
+        print("BACKEND", comp.backend.name)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "BACKEND openvino" in out.stdout
+    assert "backend='auto' chose 'openvino'" in out.stdout and "OpenVINO is installed" in out.stdout
