@@ -163,7 +163,8 @@ def _with_tiny_vae(comp: Compositor, taesd: Path) -> Any:
     from composekit.backends.torch_backend import load_tiny_vae
 
     backend = copy.copy(comp.backend)
-    backend.tiny_vae = load_tiny_vae(taesd, backend.device, backend.dtype, backend.info.latent_channels)
+    backend.components = dict(backend.components)  # the copy's own table: comp keeps decoding with the VAE
+    backend.use_tiny_vae(load_tiny_vae(taesd, backend.device, backend.dtype, backend.info.latent_channels))
     return backend
 
 

@@ -343,7 +343,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     info: dict[str, object] = {"composekit": __version__, "python": sys.version.split()[0],
                                "platform": platform.platform()}
     for pkg in ("numpy", "pillow", "huggingface_hub", "safetensors", "torch", "diffusers", "transformers",
-                "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cupy-cuda12x", "cupy-cuda13x"):
+                "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "cuda-python", "cupy-cuda12x", "cupy-cuda13x"):
         try:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -357,6 +357,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
         import onnxruntime
 
         info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    if info["openvino"]:
+        import openvino
+
+        core = openvino.Core()
+        info["openvino_devices"] = {d: core.get_property(d, "OPTIMIZATION_CAPABILITIES") for d in core.available_devices}
     info["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE")
     if args.json:
         print(json.dumps(info, indent=2))

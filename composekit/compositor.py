@@ -18,12 +18,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from . import geometry
-from .backends import Backend, choose_backend, load_backend
+from .backends import Backend, choose_backend, open_backend
 from .errors import ComposekitError, InputError
 from .images import load_picture, to_caller_kind
-from .loading import TINY_VAE_ALLOW_PATTERNS, read_model_dir, resolve_source
-from .engines import is_engine_dir, read_engine_dir
-from .manifest import is_export_dir, read_manifest
+from .loading import TINY_VAE_ALLOW_PATTERNS, resolve_source
 from .options import MAX_FEATHER, ClassicOptions, GenerativeOptions, field_names
 from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
 from .sampler import Job, SamplerOptions, check_latents, sample_batch
@@ -166,27 +164,20 @@ class Compositor:
                 ``torch``: ``channels_last``, ``compile`` (see the backends page of the docs).
         """
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
-        # Engines carry their ONNX export's manifest; the backend checks engines and graphs as it loads them.
-        manifest = (read_engine_dir(root).manifest if is_engine_dir(root)
-                    else read_manifest(root, verify=False) if is_export_dir(root) else None)
-        name = choose_backend(backend, root, device, manifest.optimized if manifest is not None else None)
-        if manifest is not None:
-            scheduler_cfg, extractor_cfg = manifest.scheduler, manifest.feature_extractor
-            backdrop = manifest.cutout_backdrop
-        else:
-            files = read_model_dir(root)
-            scheduler_cfg, extractor_cfg = files.configs["scheduler"], files.configs["feature_extractor"]
-            backdrop = files.index.get("cutout_backdrop", [255, 255, 255])
+        # The directory is read once (by its marker's reader) and opened by the chosen backend, which
+        # returns itself with its card: model info, scheduler and feature-extractor configs, backdrop.
+        name, content = choose_backend(backend, root, device)
         if vae is not None:
             if name == "torch":
                 vae = resolve_source(vae, local_files_only=local_files_only, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
             backend_options["vae"] = vae
-        loaded = load_backend(name, root, device=device, dtype=dtype, **backend_options)
-        scheduler = DDIMScheduler.from_config(scheduler_cfg)
-        preprocessor = ClipPreprocessor.from_config(extractor_cfg)
+        loaded = open_backend(name, content, device=device, dtype=dtype, **backend_options)
+        card = loaded.card
+        scheduler = DDIMScheduler.from_config(card.scheduler)
+        preprocessor = ClipPreprocessor.from_config(card.feature_extractor)
         # cutout_backdrop was checked against its schema when the index or manifest was read (composekit.configs)
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
-        return cls(loaded, scheduler, preprocessor, tuple(backdrop))
+        return cls(loaded, scheduler, preprocessor, card.backdrop)
 
     def paste(
         self,

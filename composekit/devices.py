@@ -15,7 +15,8 @@ from .errors import BackendUnavailableError, InputError
 
 __all__ = ["Device", "parse_device", "KINDS"]
 
-# kind -> the backends that run on it (for messages)
+# kind -> what it is and the backends that run on it (for messages)
+NAMES = {"cpu": "the CPU", "cuda": "CUDA GPUs", "mps": "Apple GPUs (MPS)", "gpu": "Intel GPUs", "npu": "Intel NPUs"}
 KINDS = {"cpu": "torch, onnxruntime, openvino", "cuda": "torch, onnxruntime (onnxruntime-gpu), tensorrt",
          "mps": "torch", "gpu": "openvino (Intel GPUs)", "npu": "openvino (Intel NPUs)"}
 
@@ -41,6 +42,6 @@ def parse_device(device: Any, *, backend: str, allowed: tuple[str, ...]) -> Devi
         raise InputError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps', or OpenVINO's "
                          "'gpu', 'gpu.N', 'npu'")
     if kind not in allowed:
-        raise BackendUnavailableError(f"the {backend} backend does not run on device {device!r} (it runs on "
-                                      f"{', '.join(allowed)}); {kind} devices run with: {KINDS[kind]}")
+        raise BackendUnavailableError(f"the {backend} backend runs on {' and '.join(NAMES[k] for k in allowed)} only; "
+                                      f"got device={device!r}. {kind} devices run with: {KINDS[kind]}")
     return Device(kind, int(index) if sep else None)

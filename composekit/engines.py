@@ -29,7 +29,7 @@ from .manifest import ExportManifest, check_manifest_data, sha256_file
 from .specs import COMPONENT_NAMES
 
 __all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT",
-           "ENGINES", "EngineDir", "is_engine_dir", "read_engine_dir", "gpu_identity"]
+           "ENGINES", "EngineDir", "read_engine_dir", "gpu_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ class EngineDir:
         path = inside(self.root, name, "engine")
         inside(self.root, sidecar_path(name).name, "engine sidecar")  # the sidecar may not lead out either
         return path
-
-
-def is_engine_dir(root: Path) -> bool:
-    return (Path(root) / ENGINES).is_file()
 
 
 def read_engine_dir(root: str | os.PathLike) -> EngineDir:

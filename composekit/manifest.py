@@ -22,7 +22,7 @@ from .configs import SCHEMAS, check, inside, read_json, regular_file
 from .errors import ModelError
 from .specs import COMPONENT_NAMES, OPTIONAL_COMPONENTS, ComponentSpec, ModelDims, component_specs
 
-__all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file", "is_export_dir"]
+__all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT = "composekit-onnx"
@@ -36,10 +36,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def is_export_dir(root: Path) -> bool:
-    return (root / MANIFEST).is_file()
 
 
 def _inside(root: Path, name: str) -> Path:

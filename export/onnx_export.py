@@ -34,72 +34,13 @@ import numpy as np
 from composekit.errors import InputError
 from composekit.files import atomic_directory
 from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest_data, sha256_file
-from composekit.specs import COMPONENT_NAMES, ComponentSpec, ModelDims, component_specs
+from composekit.specs import ComponentSpec, ModelDims, component_specs
 
 __all__ = ["export_onnx"]
 
 logger = logging.getLogger(__name__)
 _TWO_GB = 2 * 1024**3 - 1024**2  # protobuf's hard limit, with a little room
 DEFAULT_MAX_BATCH = 8  # composites per batch the runtimes may sample together (U-Net batch up to 16)
-
-
-def _graphs(backend) -> dict[str, Any]:
-    """torch modules whose forward has exactly the spec's inputs and outputs."""
-    import torch
-
-    scaling = backend.scaling
-
-    class ObjectEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder, self.adaptor = backend.image_encoder, backend.adaptor
-
-        def forward(self, pixel_values):
-            if self.adaptor is not None:
-                clip = getattr(self.encoder, "vision_model", self.encoder)
-                hidden = self.encoder(pixel_values=pixel_values).last_hidden_state
-                context = self.adaptor(clip.post_layernorm(hidden))
-                return context, self.adaptor.unconditional(pixel_values.shape[0])
-            context, uncond = self.encoder(pixel_values, return_uncond_vector=True)
-            return context, uncond.expand(pixel_values.shape[0], -1, -1)
-
-    class UNet(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = backend.unet_model
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-    class VaeEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = backend.vae
-
-        def forward(self, image):
-            return self.vae.encode(image).latent_dist.mean * scaling
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = backend.vae
-
-        def forward(self, latent):
-            return self.vae.decode(latent / scaling, return_dict=False)[0]
-
-    class TinyVaeDecoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = backend.tiny_vae
-
-        def forward(self, latent):  # a tiny autoencoder decodes the U-Net's scaled latents directly
-            return self.vae.decode(latent, return_dict=False)[0]
-
-    graphs = {"object_encoder": ObjectEncoder().eval(), "unet": UNet().eval(), "vae_encoder": VaeEncoder().eval(),
-              "vae_decoder": VaeDecoder().eval()}
-    if backend.tiny_vae is not None:
-        graphs["tiny_vae_decoder"] = TinyVaeDecoder().eval()
-    return graphs
 
 
 def _export_one(module, spec: ComponentSpec, scratch: Path, dest: Path, opset: int, float_dtype: str) -> list[dict]:
@@ -263,7 +204,7 @@ def export_onnx(
         from composekit.loading import TINY_VAE_ALLOW_PATTERNS, resolve_source
 
         vae_dir = resolve_source(tiny_vae, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
-    backend = load_torch(Path(model_dir), device="cpu", dtype="float16" if precision == "fp16" else "float32",
+    backend = load_torch(files, device="cpu", dtype="float16" if precision == "fp16" else "float32",
                          vae=vae_dir)
     float_dtype = "float16" if precision == "fp16" else "float32"
     info = backend.info
@@ -275,7 +216,7 @@ def export_onnx(
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 256:
         raise InputError(f"max_batch must be an integer in 1..256, got {max_batch!r}")
     specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
-    graphs = _graphs(backend)
+    graphs = backend.components  # the torch backend's own module per component spec
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".scratch.", dir=out.parent))

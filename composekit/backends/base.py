@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, ComposekitError, ModelError
 
-__all__ = ["Backend", "ModelInfo", "model_call"]
+__all__ = ["Backend", "ModelCard", "ModelInfo", "model_call"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,12 +70,29 @@ class ModelInfo:
                    max_batch=manifest.max_batch)
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a backend read when it opened its directory, beside the weights: everything the compositor needs."""
+
+    info: ModelInfo
+    scheduler: dict[str, Any]  # the scheduler config (diffusers' scheduler_config.json keys)
+    feature_extractor: dict[str, Any]  # the CLIP image processor config
+    backdrop: tuple[int, int, int]  # the colour behind a cut-out object (family-specific)
+
+    @classmethod
+    def from_manifest(cls, manifest: Any, source: str) -> "ModelCard":
+        """From an export's manifest (an engine directory carries its export's)."""
+        return cls(ModelInfo.from_manifest(manifest, source), manifest.scheduler, manifest.feature_extractor,
+                   tuple(manifest.cutout_backdrop))  # type: ignore[arg-type]
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Four model calls plus the array plumbing the sampler needs."""
 
     name: str
     info: ModelInfo
+    card: ModelCard
 
     def describe(self) -> str:
         """Device and dtype, for ``repr`` and logs, e.g. ``"cpu, float32"``."""

@@ -25,18 +25,16 @@ callers.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from ..engines import is_engine_dir
-from ..manifest import ExportManifest, is_export_dir, read_manifest
+from ..manifest import ExportManifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo
+from .base import ModelCard
 from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
 
 __all__ = ["OnnxRuntimeBackend", "load"]
@@ -110,7 +108,8 @@ class OnnxRuntimeBackend(GraphBackend):
                            manifest.precision, path)
         self.providers = self.sessions["unet"].get_providers()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.info = ModelInfo.from_manifest(manifest, str(manifest.root))
+        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
+        self.info = self.card.info
 
     def describe(self) -> str:
         binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""
@@ -138,10 +137,10 @@ class OnnxRuntimeBackend(GraphBackend):
         return [arrays.cast(outputs[k], np.float32) for k in spec.output_names]
 
 
-def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
+def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
          intra_op_threads: int | None = None, inter_op_threads: int | None = None,
          graph_optimization: str = "all", io_binding: bool | None = None, vae: str | None = None) -> OnnxRuntimeBackend:
-    """Load an export directory. ``dtype`` must be None or the export's precision (it is fixed at export).
+    """Open an export (read by :func:`composekit.manifest.read_manifest`). ``dtype`` must be None or the export's precision (it is fixed at export).
 
     ``io_binding``: None = on with a CUDA provider (latents stay on the GPU, needs CuPy), off on the
     CPU; True on the CPU binds host buffers (same results as plain runs). ``vae="tiny"``: decode with
@@ -154,16 +153,7 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, providers: S
             f"the onnxruntime backend needs onnxruntime; {install_hint('onnx')} (CPU), or for CUDA: "
             f"{install_hint('gpu')}"
         ) from exc
-    model_dir = Path(model_dir)
-    if is_engine_dir(model_dir) and not is_export_dir(model_dir):
-        raise ModelError(f"{model_dir} is a TensorRT engine directory; load it with backend='tensorrt', or load "
-                         "the ONNX export it was built from with backend='onnxruntime'")
-    if not is_export_dir(model_dir):
-        raise ModelError(
-            f"{model_dir} is not an exported model (no manifest.json); export it first with "
-            f"`composekit-export onnx {model_dir} OUT_DIR`, or use backend='torch'"
-        )
-    manifest = read_manifest(model_dir)
+    manifest = content
     components = graph_components(manifest, vae)
     if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") not in (manifest.precision,):
         raise InputError(

@@ -34,10 +34,10 @@ import numpy as np
 
 from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from ..manifest import ExportManifest, is_export_dir, read_manifest
+from ..manifest import ExportManifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo
+from .base import ModelCard
 from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
 
 __all__ = ["OpenVINOBackend", "load", "default_cache_dir"]
@@ -75,7 +75,8 @@ class OpenVINOBackend(GraphBackend):
         self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
         self.specs = manifest.specs()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.info = ModelInfo.from_manifest(manifest, str(manifest.root))
+        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
+        self.info = self.card.info
         self.models: dict[str, Any] = {}
         self.decoder = components[-1]
         for name in components:
@@ -149,10 +150,10 @@ def _device(core: Any, device: Any) -> str:
     return name
 
 
-def load(model_dir: Path, *, device: Any = None, dtype: Any = None, precision: str | None = None,
+def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, precision: str | None = None,
          threads: int | None = None, cache_dir: str | os.PathLike | bool | None = None,
          vae: str | None = None) -> OpenVINOBackend:
-    """Load an export directory with OpenVINO.
+    """Open an export (read by :func:`composekit.manifest.read_manifest`) with OpenVINO.
 
     ``precision``: ``"f32"``, ``"bf16"`` or ``"f16"`` (inference precision; None = bf16 where the device
     supports it, else f32). ``dtype`` must be None or the export's precision (fixed at export).
@@ -164,11 +165,8 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, precision: s
         import openvino as ov
     except ImportError as exc:
         raise BackendUnavailableError(f"the openvino backend needs OpenVINO; {install_hint('openvino')}") from exc
-    model_dir = Path(model_dir)
-    if not is_export_dir(model_dir):
-        raise ModelError(f"{model_dir} is not an exported model (no manifest.json); export it first with "
-                         f"`composekit-export onnx {model_dir} OUT_DIR`, or use backend='torch'")
-    manifest = read_manifest(model_dir)
+    manifest = content
+    model_dir = manifest.root
     if manifest.optimized:
         raise ModelError(f"{model_dir} was exported with --optimize {manifest.optimized}: its U-Net uses ONNX Runtime's "
                          "own fused operators, which OpenVINO cannot run. Load it with backend='onnxruntime', or "

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from ..engines import REBUILD_HINT, check_engine, gpu_identity, is_engine_dir, read_engine_dir
+from ..engines import REBUILD_HINT, EngineDir, check_engine, gpu_identity, read_engine_dir
 from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelInfo
+from .base import ModelCard
 from .graph import GraphBackend
 
 __all__ = ["TensorRTBackend", "load"]
@@ -58,11 +58,12 @@ class _Binding:
 class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
-    def __init__(self, root: Path, *, trt: Any, arrays: ArrayModule, gpu: tuple[str, str],
+    def __init__(self, root: Path | EngineDir, *, trt: Any, arrays: ArrayModule, gpu: tuple[str, str],
                  verify_engines: bool = True, cuda_graph: bool = False) -> None:
         if cuda_graph and not arrays.on_gpu:
             raise InputError("cuda_graph=True needs a CUDA device")
-        engine_dir = read_engine_dir(root)
+        engine_dir = root if isinstance(root, EngineDir) else read_engine_dir(root)
+        root = engine_dir.root
         manifest = engine_dir.manifest
         self.trt, self.arrays, self.cuda_graph = trt, arrays, cuda_graph
         self.precision = manifest.precision
@@ -91,7 +92,8 @@ class TensorRTBackend(GraphBackend):
                 )
             self.engines[name] = engine
             self.dtypes[name] = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
-        self.info = ModelInfo.from_manifest(manifest, str(root))
+        self.card = ModelCard.from_manifest(manifest, str(root))
+        self.info = self.card.info
         self._local = threading.local()
         self._lock = threading.Lock()
         self.contexts_created = 0
@@ -178,18 +180,15 @@ def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]
     return trt, arrays, gpu_identity(arrays.device_id)
 
 
-def load(model_dir: Path, *, device: Any = None, dtype: Any = None, cuda_graph: bool = False,
+def load(content: EngineDir, *, device: Any = None, dtype: Any = None, cuda_graph: bool = False,
          verify_engines: bool = True) -> TensorRTBackend:
-    """Load an engine directory (``engines.json``). The precision was fixed when the engines were built."""
-    model_dir = Path(model_dir)
-    if not is_engine_dir(model_dir):
-        raise ModelError(f"{model_dir} is not a TensorRT engine directory (no engines.json); build one with "
-                         f"`composekit-export tensorrt ONNX_EXPORT_DIR ENGINE_DIR`")
+    """Open an engine directory (read by :func:`composekit.engines.read_engine_dir`). The precision was fixed
+    when the engines were built."""
     if dtype is not None:
         raise InputError(f"dtype={dtype!r}: a TensorRT engine's precision is fixed when it is built, "
                          "from the ONNX export's precision (`composekit-export onnx --fp16` for float16); pass dtype=None")
     if not isinstance(cuda_graph, bool):
         raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     trt, arrays, gpu = _runtime_environment(device)
-    return TensorRTBackend(model_dir, trt=trt, arrays=arrays, gpu=gpu, verify_engines=verify_engines,
+    return TensorRTBackend(content, trt=trt, arrays=arrays, gpu=gpu, verify_engines=verify_engines,
                            cuda_graph=cuda_graph)

@@ -18,9 +18,8 @@ import torch
 
 from ..devices import parse_device
 from ..errors import BackendUnavailableError, InputError, ModelError
-from ..loading import ModelFiles, read_model_dir
-from . import HOLDS, detect_backend
-from .base import ModelInfo, model_call
+from ..loading import ModelFiles
+from .base import ModelCard, ModelInfo, model_call
 
 __all__ = ["TorchBackend", "load"]
 
@@ -163,6 +162,59 @@ def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device
     return module.eval().requires_grad_(False)
 
 
+class ObjectEncoder(torch.nn.Module):
+    """The ``object_encoder`` spec: CLIP pixels -> (object context, unconditional context)."""
+
+    def __init__(self, image_encoder: Any, adaptor: Any) -> None:
+        super().__init__()
+        self.encoder, self.adaptor = image_encoder, adaptor
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.adaptor is not None:
+            # ObjectStitch: all 257 CLIP tokens, CLIP's post layer norm, then the content adaptor.
+            hidden = self.encoder(pixel_values=pixel_values).last_hidden_state
+            clip = getattr(self.encoder, "vision_model", self.encoder)  # transformers 4 vs 5 layout
+            context = self.adaptor(clip.post_layernorm(hidden))
+            return context, self.adaptor.unconditional(pixel_values.shape[0])
+        # Paint by Example: CLIP's class token through the mapper (one context token).
+        context, uncond = self.encoder(pixel_values, return_uncond_vector=True)
+        return context, uncond.to(context.dtype).expand(pixel_values.shape[0], -1, -1)
+
+
+class UNet(torch.nn.Module):
+    """The ``unet`` spec: noise prediction (``unet`` may be the U-Net or its ``torch.compile``'d version)."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    """The ``vae_encoder`` spec: image in [-1, 1] -> scaled latent (posterior mean)."""
+
+    def __init__(self, vae: Any, scaling: float) -> None:
+        super().__init__()
+        self.vae, self.scaling = vae, scaling
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image).latent_dist.mean * self.scaling
+
+
+class VaeDecoder(torch.nn.Module):
+    """The ``vae_decoder`` spec: scaled latent -> image in [-1, 1]; ``tiny_vae_decoder`` with an AutoencoderTiny,
+    which decodes the U-Net's scaled latents directly (its scaling factor is 1)."""
+
+    def __init__(self, vae: Any, scaling: float) -> None:
+        super().__init__()
+        self.vae, self.scaling = vae, scaling
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent / self.scaling, return_dict=False)[0]
+
+
 class TorchBackend:
     """The four components as torch modules."""
 
@@ -209,6 +261,15 @@ class TorchBackend:
             source=str(files.root),
             any_size_decode=True,
         )
+        self.card = ModelCard(self.info, files.configs["scheduler"], files.configs["feature_extractor"],
+                              tuple(files.index.get("cutout_backdrop", [255, 255, 255])))
+        # One module per component spec; the exporter traces these same modules.
+        self.components: dict[str, torch.nn.Module] = {
+            "object_encoder": ObjectEncoder(self.image_encoder, self.adaptor).eval(),
+            "unet": UNet(self._unet_call).eval(),
+            "vae_encoder": VaeEncoder(self.vae, self.scaling).eval(),
+            "vae_decoder": VaeDecoder(self.vae, self.scaling).eval(),
+        }
 
     def describe(self) -> str:
         extras = (["channels_last"] if self.channels_last else []) + (
@@ -237,20 +298,12 @@ class TorchBackend:
     @torch.inference_mode()
     @model_call("image encoder")
     def encode_object(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.adaptor is not None:
-            # ObjectStitch: all 257 CLIP tokens, CLIP's post layer norm, then the content adaptor.
-            hidden = self.image_encoder(pixel_values=self.asarray(pixels)).last_hidden_state
-            clip = getattr(self.image_encoder, "vision_model", self.image_encoder)  # transformers 4 vs 5 layout
-            cond = self.adaptor(clip.post_layernorm(hidden))
-            return cond, self.adaptor.unconditional(cond.shape[0])
-        # Paint by Example: CLIP's class token through the mapper (one context token).
-        cond, uncond = self.image_encoder(self.asarray(pixels), return_uncond_vector=True)
-        return cond, uncond.to(cond.dtype).expand(cond.shape[0], -1, -1)
+        return self.components["object_encoder"](self.asarray(pixels))
 
     @torch.inference_mode()
     @model_call("VAE encoder")
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(image).latent_dist.mean * self.scaling
+        return self.components["vae_encoder"](image)
 
     @torch.inference_mode()
     @model_call("U-Net")
@@ -265,14 +318,17 @@ class TorchBackend:
             # CUDA-graph modes reuse their output buffers: each step's call starts a new "step", and the
             # sampler consumes eps before the next call.
             torch.compiler.cudagraph_mark_step_begin()
-        return self._unet_call(sample, t, encoder_hidden_states=context).sample
+        return self.components["unet"](sample, t, context)
 
     @torch.inference_mode()
     @model_call("VAE decoder")
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.tiny_vae is not None:  # a tiny autoencoder decodes the U-Net's (scaled) latents directly
-            return self.tiny_vae.decode(latents).sample
-        return self.vae.decode(latents / self.scaling).sample
+        return self.components.get("tiny_vae_decoder", self.components["vae_decoder"])(latents)
+
+    def use_tiny_vae(self, tiny_vae: Any) -> None:
+        """Decode with ``tiny_vae`` (an AutoencoderTiny) from now on."""
+        self.tiny_vae = tiny_vae
+        self.components["tiny_vae_decoder"] = VaeDecoder(tiny_vae, 1.0).eval()
 
 
 def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_channels: int) -> Any:
@@ -296,7 +352,7 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     try:
         with quiet_loading():
             module, info = AutoencoderTiny.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False,
-                                                           output_loading_info=True)
+                                                           output_loading_info=True, torch_dtype=dtype)
     except Exception as exc:  # diffusers raises many types for configs and weights that disagree
         raise ModelError(f"could not load the tiny VAE from {path}: {type(exc).__name__}: {exc}; {fix}") from exc
     if info.get("missing_keys"):
@@ -304,18 +360,16 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     return module.to(device, dtype).eval()
 
 
-def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
+def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
          compile: bool | str = False, vae: Path | None = None) -> TorchBackend:
-    """Load a model directory (already resolved to a local path) onto ``device`` in ``dtype``.
+    """Open a model directory (read by :func:`composekit.loading.read_model_dir`) onto ``device`` in ``dtype``.
 
     ``channels_last``: NHWC memory layout for the U-Net and VAE (None = on for CUDA, off on the CPU).
     ``compile``: ``torch.compile`` the U-Net (True, or a mode such as ``"reduce-overhead"``, which
     replays CUDA graphs, or ``"max-autotune"``); the first call compiles (minutes for a full model).
+    ``vae``: an ``AutoencoderTiny`` folder whose decoder replaces the VAE's.
     """
-    held = detect_backend(Path(model_dir))
-    if held != "torch":
-        raise ModelError(f"{model_dir} is {HOLDS[held]}; load it with backend={held!r} (or 'auto')")
-    files = read_model_dir(Path(model_dir))
+    files = content
     dev = _device(device)
     dt = _dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
@@ -332,5 +386,5 @@ def load(model_dir: Path, *, device: Any = None, dtype: Any = None, channels_las
     with _LOAD_LOCK:
         backend = TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
         if vae is not None:
-            backend.tiny_vae = load_tiny_vae(vae, dev, dt, backend.info.latent_channels)
+            backend.use_tiny_vae(load_tiny_vae(vae, dev, dt, backend.info.latent_channels))
         return backend
