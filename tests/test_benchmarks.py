@@ -34,3 +34,23 @@ def test_harness_writes_json_markdown_and_plot(tmp_path):
     assert all(row["stages"][s]["n"] == 2 for s in row["stages"])
     assert "speed-up vs diffusers" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_speed_benchmark_runs_every_row(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--size", "tiny", "--repeats", "1",
+                           "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = results["rows"]
+    assert rows["default: from_pretrained(export)"]["backend"] == "openvino"  # auto on this CPU machine
+    assert rows["composekit torch fp32"]["diff_vs_torch_fp32"] == {"max": 0, "mean": 0.0}
+    for name in ("onnxruntime fp32 (plain export)", "openvino f32"):
+        assert rows[name]["diff_vs_torch_fp32"]["max"] <= 2, name  # fp32 runtimes agree with torch
+        assert "decode_tiny" in rows[name]["stages"]
+    for row in rows.values():
+        e2e = row["end_to_end"]
+        assert abs(e2e["at_50_s"] - (e2e["fixed_s"] + 50 * e2e["per_step_s"])) < 1e-9
+    assert "at 50 steps = fixed + 50 x slope, extrapolated" in (tmp_path / "out" / "results.md").read_text()
