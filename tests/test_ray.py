@@ -149,3 +149,23 @@ def test_serve_ray_flags_need_ray():
                         (["--ray", "--port", 0], "fixed --port"), (["--ray", "--max-replicas", 0], "max-replicas")):
         run = cli("serve", *flags)
         assert run.returncode != 0 and text in run.stderr and "Traceback" not in run.stderr, (flags, run.stderr)
+
+
+def test_serve_run_application_builder():
+    # `serve run composekit.ray_serve:app key=value ...` and Serve config files call this builder.
+    pytest.importorskip("ray.serve")
+    from composekit import InputError
+    from composekit.ray_serve import RaySettings, app
+
+    bound = app({"max_batch": "4", "max_wait_ms": "20", "queue_size": "8"})
+    assert type(bound).__name__ == "Application"
+    with pytest.raises(InputError, match="unknown argument"):
+        app({"modle": "x"})
+    with pytest.raises(InputError, match="max_batch must be an integer"):
+        app({"max_batch": "four"})
+    scale = RaySettings(min_replicas=1, max_replicas=3, gpus_per_replica=1, threads=2)
+    options = scale.options(queue_size=8)
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2.0}
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0,
+                                            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert RaySettings(replicas=2).options(queue_size=8)["num_replicas"] == 2
