@@ -193,7 +193,7 @@ def run(model: str | None, load: dict[str, Any], settings: Any, ray_settings: Ra
     from .distributed import _start_ray
 
     ray = _start_ray(address)
-    started_serve = False
+    started_serve = deployed = False
     try:
         running = _running_serve_address()
         if running is not None and running != (host, port):
@@ -203,6 +203,7 @@ def run(model: str | None, load: dict[str, Any], settings: Any, ray_settings: Ra
         started_serve = running is None
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         serve.run(deployment(model, load, settings, ray_settings), name=APP_NAME, route_prefix="/", blocking=False)
+        deployed = True
         if on_ready is not None:
             on_ready(port)
         stop = threading.Event()
@@ -213,7 +214,7 @@ def run(model: str | None, load: dict[str, Any], settings: Any, ray_settings: Ra
         try:
             if started_serve:  # Serve was ours: remove it (and its proxy); else only our application
                 serve.shutdown()
-            elif running is not None:
+            elif deployed:
                 serve.delete(APP_NAME)
         finally:
             if address is None:
