@@ -91,55 +91,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mask = np.zeros(bg.shape[:2], bool)
     mask[box[1]:box[3], box[0]:box[2]] = True
 
-    def region_diff(image: Any) -> dict[str, float] | None:
-        if "fp32" not in reference:
-            return None
+    def region_diff(image: Any) -> dict[str, float]:
         d = np.abs(np.asarray(image, np.int16)[mask] - reference["fp32"][mask])
         return {"max": int(d.max()), "mean": float(d.mean())}
 
-    def measure(name: str, comp: Compositor, tiny: Any = None, is_reference: bool = False) -> None:
+    def measure(name: str, comp: Compositor) -> None:
         row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe()}
         row["stages"] = {k: v["median_s"] for k, v in stage_times(comp, args.repeats, 1).items()}
-        if tiny is not None:
-            row["stages"]["decode_tiny"] = _decode_time(tiny, args.repeats)
-            del tiny
         e2e, image = _end_to_end(lambda s: comp.paste(obj, bg, box, steps=s, guidance=guidance, seed=0,
                                                       progress=False).image, steps)
         row["end_to_end"] = e2e
-        if "decode_tiny" in row["stages"]:
-            row["end_to_end"]["at_50_tiny_vae_s"] = e2e["at_50_s"] - row["stages"]["decode"] + \
-                row["stages"]["decode_tiny"]
-        if is_reference:
-            reference["fp32"] = np.asarray(image, np.int16)
+        reference.setdefault("fp32", np.asarray(image, np.int16))  # the first row (torch fp32) is the reference
         row["diff_vs_torch_fp32"] = region_diff(image)
         results["rows"][name] = row
         print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
 
+    def add_tiny_vae(name: str, backend: Any) -> None:
+        """The row's decode stage with the tiny decoder, and its 50-step figure with that stage swapped in."""
+        row = results["rows"][name]
+        row["stages"]["decode_tiny"] = _decode_time(backend, args.repeats)
+        row["end_to_end"]["at_50_tiny_vae_s"] = row["end_to_end"]["at_50_s"] - row["stages"]["decode"] + \
+            row["stages"]["decode_tiny"]
+
     # One model in memory at a time (a full-size model is ~5 GB; two rows at once ran this 24 GB machine out
     # of memory): each row's compositor is dropped before the next one loads. composekit torch fp32 first:
     # every other row's image is compared with it.
-    comp = Compositor.from_pretrained(paths["model"], device="cpu", dtype="float32")
-    measure("composekit torch fp32", comp, _with_tiny_vae(comp, paths["taesd"]), is_reference=True)
-    del comp
-    gc.collect()
-    comp = Compositor.from_pretrained(paths["model"], device="cpu", dtype="bfloat16")
-    measure("composekit torch bf16", comp, _with_tiny_vae(comp, paths["taesd"]))
-    del comp
-    gc.collect()
-    for name, path, kwargs in (("onnxruntime fp32 (plain export)", paths["onnx"], {"backend": "onnxruntime"}),
+    for name, path, kwargs in (("composekit torch fp32", paths["model"], {"device": "cpu", "dtype": "float32"}),
+                               ("composekit torch bf16", paths["model"], {"device": "cpu", "dtype": "bfloat16"}),
+                               ("onnxruntime fp32 (plain export)", paths["onnx"], {"backend": "onnxruntime"}),
                                ("onnxruntime fp32 (fused export)", paths["fused"], {"backend": "onnxruntime"}),
                                ("openvino f32", paths["onnx"], {"backend": "openvino", "precision": "f32"}),
                                ("default: from_pretrained(export)", paths["onnx"], {})):
         comp = Compositor.from_pretrained(path, **kwargs)
         measure(name, comp)
+        if path == paths["model"]:  # the torch backend shares its modules with a tiny-VAE copy
+            add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))
         del comp
         gc.collect()
         if path == paths["onnx"]:  # the same runtime and settings with the export's tiny decoder
             tiny = Compositor.from_pretrained(path, vae="tiny", **kwargs)
-            row = results["rows"][name]
-            row["stages"]["decode_tiny"] = _decode_time(tiny.backend, args.repeats)
-            row["end_to_end"]["at_50_tiny_vae_s"] = row["end_to_end"]["at_50_s"] - row["stages"]["decode"] + \
-                row["stages"]["decode_tiny"]
+            add_tiny_vae(name, tiny.backend)
             del tiny
             gc.collect()
 

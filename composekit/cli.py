@@ -58,8 +58,13 @@ def _compositor(args: argparse.Namespace):
     if args.model is None:
         return Compositor()
     _apply_threads(args)
-    return Compositor.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                                      local_files_only=args.offline, vae=args.vae)
+    return Compositor.from_pretrained(args.model, **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    """``from_pretrained``'s keywords from the model flags (also handed to Ray actors and replicas)."""
+    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
+            "vae": args.vae}
 
 
 def _method_options(args: argparse.Namespace):
@@ -263,6 +268,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"composekit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
               "use it", file=sys.stderr)
+
     def ready(port: int) -> None:
         what = f"model {args.model}" if args.model else "classic method (no model)"
         where = " on Ray Serve" if args.ray else ""
@@ -275,9 +281,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         scale = ray_serve.RaySettings(replicas=args.replicas, min_replicas=args.min_replicas,
                                       max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
                                       cpus_per_replica=args.cpus_per_replica, threads=args.threads)
-        load = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
-                "vae": args.vae}
-        ray_serve.run(args.model, load if args.model else {}, settings, scale, host=args.host, port=args.port,
+        ray_serve.run(args.model, _load_options(args) if args.model else {}, settings, scale, host=args.host, port=args.port,
                       address=args.address, on_ready=ready)
         return EXIT_OK
     for flag in ("address", "min_replicas", "max_replicas"):
@@ -298,11 +302,9 @@ def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object) -> int:
     _apply_threads(args)
     rows = [{"object": str(args.object), "background": str(bg), "box": box, "seed": args.seed, "output": out.name}
             for bg, box, out in jobs]
-    load = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
-                "vae": args.vae}
     records = ray_batch(args.model, rows, args.output, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                         batch_size=args.batch_size, address=args.address, overwrite=args.overwrite,
-                        load_options=load if args.model else None, options=options, region=args.region,
+                        load_options=_load_options(args) if args.model else None, options=options, region=args.region,
                         margin=args.margin)
     for r in records:
         if r["status"] == "failed":

@@ -141,8 +141,8 @@ def ray_batch(model: str | os.PathLike | None, rows: Any, output_dir: str | os.P
             raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ray = _start_ray(address)
-    import ray.data
+    _start_ray(address)
+    import ray.data  # (binds ``ray`` too)
 
     if isinstance(rows, ray.data.Dataset):
         rows = rows.take_all()

@@ -41,8 +41,8 @@ class RaySettings:
                  target_ongoing_requests: float = 2.0, threads: int | None = None) -> None:
         autoscale = min_replicas is not None or max_replicas is not None
         if autoscale:
-            lo, hi = (1 if min_replicas is None else min_replicas), (max(min_replicas or 1, 1) if max_replicas is None
-                                                                     else max_replicas)
+            lo = 1 if min_replicas is None else min_replicas
+            hi = max(lo, 1) if max_replicas is None else max_replicas
             for flag, value in (("--min-replicas", lo), ("--max-replicas", hi)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise InputError(f"{flag} must be an integer >= 0, got {value!r}")
@@ -81,8 +81,7 @@ def _ray_serve() -> Any:
     try:
         from ray import serve
     except ImportError as exc:
-        raise BackendUnavailableError(f"composekit serve --ray needs Ray Serve; {install_hint('ray')} "
-                                      "and pip install 'ray[serve]'") from exc
+        raise BackendUnavailableError(f"composekit serve --ray needs Ray Serve; {install_hint('ray')}") from exc
     return serve
 
 
@@ -156,27 +155,26 @@ def app(args: dict[str, str]) -> Any:
     Replicas, autoscaling, GPUs and thread settings (``runtime_env``) come from the config file's
     ``deployments`` section (deployment name ``Composekit``).
     """
+    import dataclasses
+
     from .serve import ServeSettings
 
-    known = {"model", "backend", "device", "dtype", "max_batch", "max_wait_ms", "max_upload_mb", "queue_size",
-             "timeout_s", "api_key", "offline"}
+    # The numeric settings are ServeSettings' own fields (their defaults say int or float).
+    numbers = {f.name: type(f.default) for f in dataclasses.fields(ServeSettings)
+               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
+    known = {"model", "backend", "device", "dtype", "api_key", "offline", *numbers}
     unknown = sorted(set(args) - known)
     if unknown:
         raise InputError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-
-    def number(name: str, kind: type, default: Any) -> Any:
-        if name not in args:
-            return default
-        try:
-            return kind(args[name])
-        except (TypeError, ValueError):
-            raise InputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {args[name]!r}") \
-                from None
-
-    settings = ServeSettings(max_batch=number("max_batch", int, 1), max_wait_ms=number("max_wait_ms", float, 10.0),
-                             max_upload_mb=number("max_upload_mb", float, 20.0),
-                             queue_size=number("queue_size", int, 32), timeout_s=number("timeout_s", float, 600.0),
-                             api_key=args.get("api_key") or os.environ.get("COMPOSEKIT_API_KEY") or None)
+    values = {}
+    for name, kind in numbers.items():
+        if name in args:
+            try:
+                values[name] = kind(args[name])
+            except (TypeError, ValueError):
+                raise InputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got "
+                                 f"{args[name]!r}") from None
+    settings = ServeSettings(**values, api_key=args.get("api_key") or os.environ.get("COMPOSEKIT_API_KEY") or None)
     load = {k: args[k] for k in ("backend", "device", "dtype") if k in args}
     if str(args.get("offline", "")).lower() in ("1", "true", "yes"):
         load["local_files_only"] = True

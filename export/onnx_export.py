@@ -130,6 +130,8 @@ def _fuse(path: Path, scratch: Path, target: str) -> list[dict]:
                                          optimization_options=options, opt_level=0, use_gpu=target == "cuda")
     logger.info("fused %s for %s: %s", path.name, target, {k: v for k, v in
                 model.get_fused_operator_statistics().items() if v})
+    # Saved beside, then moved in: the optimizer read the graph without its external data, so the model
+    # still refers to the old .data file until it is saved (which is why that file is removed only after).
     work = scratch / f"fused-{path.stem}"
     work.mkdir()
     model.save_model_to_file(str(work / path.name), use_external_data_format=big, all_tensors_to_one_file=True)

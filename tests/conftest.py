@@ -25,6 +25,42 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def exported(tmp_path_factory, tiny_model_dir):
+    """Tiny ONNX exports of both families: family -> (source model dir, export dir). Read-only: copy to mutate."""
+    from composekit.random_models import make_random_model
+    from composekit_export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("exports")
+    os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
+    out = {"paint_by_example": (tiny_model_dir, root / "pbe"), "objectstitch": (os_model, root / "os")}
+    for src, dst in out.values():
+        export_onnx(src, dst)
+    return out
+
+
+def run_in_threads(fn, args) -> list:
+    """``fn(arg)`` for each of ``args``, each in its own thread started together; the results in order.
+    An exception in any thread fails the test."""
+    import threading
+
+    results, errors = [None] * len(args), []
+
+    def work(i):
+        try:
+            results[i] = fn(args[i])
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+@pytest.fixture(scope="session")
 def compositor(tiny_model_dir):
     from composekit import Compositor
 

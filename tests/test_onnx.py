@@ -13,25 +13,12 @@ import numpy as np
 import pytest
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError
-from composekit.random_models import make_random_model
 from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 BOX = (20, 10, 100, 80)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model_dir):
-    from composekit_export.onnx_export import export_onnx
-
-    root = tmp_path_factory.mktemp("onnx")
-    os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
-    out = {"paint_by_example": (tiny_model_dir, root / "pbe"), "objectstitch": (os_model, root / "os")}
-    for src, dst in out.values():
-        export_onnx(src, dst)
-    return out
 
 
 @pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])

@@ -8,14 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError
-from composekit.random_models import make_random_model
-from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")
@@ -37,18 +35,6 @@ def _bf16() -> bool:
 
 
 PRECISIONS = ["f32"] + (["bf16"] if _bf16() else [])
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model_dir):
-    from composekit_export.onnx_export import export_onnx
-
-    root = tmp_path_factory.mktemp("ov")
-    os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)
-    out = {"paint_by_example": (tiny_model_dir, root / "pbe"), "objectstitch": (os_model, root / "os")}
-    for src, dst in out.values():
-        export_onnx(src, dst)
-    return out
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -151,20 +137,8 @@ def test_one_backend_serves_several_threads(exported):
     comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32")
     bg, obj = gradient_background(120, 90), noise_object()
     expected = {s: np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=s, progress=False).image) for s in range(4)}
-    got, errors = {}, []
-
-    def work(seed):
-        try:
-            got[seed] = np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=seed, progress=False).image)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    got = run_in_threads(lambda seed: np.asarray(comp.paste(obj, bg, BOX, steps=2, seed=seed, progress=False).image),
+                         list(range(4)))
     for s in range(4):
         np.testing.assert_array_equal(got[s], expected[s])
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from composekit import BackendUnavailableError, Compositor, EngineIncompatibleEr
 from composekit.backends import tensorrt_backend
 from composekit.backends.arrays import ArrayModule
 from composekit.random_models import make_random_model
-from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -79,20 +78,8 @@ def test_one_execution_context_per_thread(engines, fake_trt):
     bg, obj = gradient_background(140, 100), noise_object()
     serial = np.asarray(comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False).image)
     created = comp.backend.contexts_created
-    results, errors = [None] * 4, []
-
-    def work(i):
-        try:
-            results[i] = np.asarray(comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False).image)
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(lambda _: np.asarray(comp.paste(obj, bg, BOX, steps=3, seed=1, progress=False).image),
+                             list(range(4)))
     for r in results:
         np.testing.assert_array_equal(r, serial)
     # four new threads x three engines (the object's encoding is cached by the compositor after the first call)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import KINDS, parse_device
 from ..engines import ENGINES, read_engine_dir
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from ..loading import read_model_dir
@@ -87,7 +88,7 @@ def _wrong_directory(name: str, root: Path) -> ModelError:
 
 def _export_runtime(device: Any, optimized: str | None) -> tuple[str, str]:
     """(backend, why) for an ONNX export under ``backend="auto"``."""
-    kind = str(device).split(":")[0].strip().lower() if device is not None else None
+    kind = None if device is None else parse_device(device, backend="auto", allowed=tuple(KINDS)).kind
     if optimized:
         return "onnxruntime", f"the export's U-Net was fused for onnxruntime (--optimize {optimized})"
     if kind == "cuda":

@@ -10,22 +10,23 @@ spec's output order). No torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..configs import inside
 from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
 from .arrays import ArrayModule
-from .base import ModelInfo, model_call
+from ..specs import COMPONENT_NAMES
+from .base import ModelCard, ModelInfo, model_call
 
-__all__ = ["GraphBackend", "check_external_data", "check_graph_io", "graph_components"]
+__all__ = ["GraphBackend", "check_external_data", "check_graph_io", "check_export_dtype", "graph_components"]
 
 
 def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     """The components to load from an export: the four, with the tiny decoder for ``vae="tiny"``."""
     if vae is None:
-        return ("object_encoder", "unet", "vae_encoder", "vae_decoder")
+        return COMPONENT_NAMES
     if vae != "tiny":
         raise InputError(f"vae={vae!r}: an export decodes with the decoders it was exported with; pass vae='tiny' "
                          "for the tiny decoder exported beside the VAE (composekit-export onnx --tiny-vae DIR), "
@@ -33,7 +34,13 @@ def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     if not manifest.has("tiny_vae_decoder"):
         raise InputError(f"vae='tiny': the export {manifest.root} has no tiny decoder; re-export it with "
                          "`composekit-export onnx MODEL OUT --tiny-vae TAESD_DIR`, or pass vae=None")
-    return ("object_encoder", "unet", "vae_encoder", "tiny_vae_decoder")
+    return (*COMPONENT_NAMES[:-1], "tiny_vae_decoder")
+
+
+def check_export_dtype(manifest: Any, dtype: Any, fix: str) -> None:
+    """``dtype`` must be None or the export's precision, which was fixed when it was exported."""
+    if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") != manifest.precision:
+        raise InputError(f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; {fix}")
 
 
 class GraphBackend:
@@ -46,6 +53,27 @@ class GraphBackend:
 
     def _run(self, component: str, inputs: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
+
+    def _open_export(self, manifest: Any, components: tuple[str, ...], read: Callable[[Path], Any],
+                     io: Callable[[Any], tuple[list, list]], runtime: str) -> dict[str, Any]:
+        """Set what the export's manifest says (specs, precision, card) and read each component's graph with
+        ``read``, after its external data is checked and before its inputs and outputs are checked (``io``:
+        the graph's (inputs, outputs) as :func:`check_graph_io` takes them). Returns the graphs by name."""
+        self.manifest, self.specs = manifest, manifest.specs()
+        self.float = np.float16 if manifest.precision == "fp16" else np.float32
+        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
+        self.info = self.card.info
+        self.decoder = components[-1]
+        graphs = {}
+        for name in components:
+            path = manifest.path(name)
+            check_external_data(path, manifest.root)
+            try:
+                graphs[name] = read(path)
+            except Exception as exc:  # each runtime raises its own exception types
+                raise ModelError(f"{runtime} could not load {path}: {exc}") from exc
+            check_graph_io(*io(graphs[name]), self.specs[name], manifest.precision, path)
+        return graphs
 
     # -- plumbing ---------------------------------------------------------------------------------
 

@@ -30,12 +30,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..devices import parse_device
-from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
+from ..errors import BackendUnavailableError, InputError, install_hint
 from ..manifest import ExportManifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelCard
-from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
+from .graph import GraphBackend, check_export_dtype, graph_components
 
 __all__ = ["OnnxRuntimeBackend", "load"]
 
@@ -89,27 +88,13 @@ class OnnxRuntimeBackend(GraphBackend):
         """``io_binding``: call graphs through IO binding with buffers of ``arrays``' device (host by default)."""
         import onnxruntime as ort
 
-        self.manifest = manifest
         self.arrays = arrays or ArrayModule("cpu")
         self.io_binding = io_binding
-        self.specs = manifest.specs()
-        self.sessions = {}
-        self.decoder = components[-1]
-        for name in components:
-            path = manifest.path(name)
-            check_external_data(path, manifest.root)
-            try:
-                self.sessions[name] = ort.InferenceSession(str(path), sess_options=session_options,
-                                                           providers=providers)
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise ModelError(f"onnxruntime could not load {path}: {exc}") from exc
-            session = self.sessions[name]
-            check_graph_io(_io(session.get_inputs()), _io(session.get_outputs()), self.specs[name],
-                           manifest.precision, path)
+        self.sessions = self._open_export(
+            manifest, components, lambda path: ort.InferenceSession(str(path), sess_options=session_options,
+                                                                    providers=providers),
+            lambda session: (_io(session.get_inputs()), _io(session.get_outputs())), "onnxruntime")
         self.providers = self.sessions["unet"].get_providers()
-        self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
-        self.info = self.card.info
 
     def describe(self) -> str:
         binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""
@@ -155,11 +140,7 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prov
         ) from exc
     manifest = content
     components = graph_components(manifest, vae)
-    if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") not in (manifest.precision,):
-        raise InputError(
-            f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; "
-            "re-export with the precision you want or pass dtype=None"
-        )
+    check_export_dtype(manifest, dtype, "re-export with the precision you want or pass dtype=None")
     if graph_optimization not in _OPT_LEVELS:
         raise InputError(f"graph_optimization must be one of {sorted(_OPT_LEVELS)}, got {graph_optimization!r}")
     options = ort.SessionOptions()

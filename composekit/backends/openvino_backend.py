@@ -37,8 +37,7 @@ from ..errors import BackendUnavailableError, InputError, ModelError, install_hi
 from ..manifest import ExportManifest
 from ..specs import COMPONENT_NAMES
 from .arrays import ArrayModule
-from .base import ModelCard
-from .graph import GraphBackend, check_external_data, check_graph_io, graph_components
+from .graph import GraphBackend, check_export_dtype, graph_components
 
 __all__ = ["OpenVINOBackend", "load", "default_cache_dir"]
 
@@ -71,23 +70,10 @@ class OpenVINOBackend(GraphBackend):
 
     def __init__(self, manifest: ExportManifest, core: Any, device: str, config: dict[str, Any],
                  components: tuple[str, ...] = COMPONENT_NAMES) -> None:
-        self.manifest, self.core, self.device, self.config = manifest, core, device, config
+        self.core, self.device, self.config = core, device, config
         self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
-        self.specs = manifest.specs()
-        self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
-        self.info = self.card.info
-        self.models: dict[str, Any] = {}
-        self.decoder = components[-1]
-        for name in components:
-            path = manifest.path(name)
-            check_external_data(path, manifest.root)
-            try:
-                model = core.read_model(str(path))
-            except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-                raise ModelError(f"OpenVINO could not read {path}: {exc}") from exc
-            check_graph_io(_io(model.inputs), _io(model.outputs), self.specs[name], manifest.precision, path)
-            self.models[name] = model
+        self.models = self._open_export(manifest, components, lambda path: core.read_model(str(path)),
+                                        lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO")
         self.compiled: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -172,9 +158,8 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prec
                          "own fused operators, which OpenVINO cannot run. Load it with backend='onnxruntime', or "
                          "export without --optimize for OpenVINO")
     components = graph_components(manifest, vae)
-    if dtype is not None and str(dtype).replace("float", "fp").replace("torch.", "") != manifest.precision:
-        raise InputError(f"dtype {dtype!r} does not match the export's precision {manifest.precision!r}; pass "
-                         "dtype=None (for OpenVINO's compute precision use precision='f32'|'bf16')")
+    check_export_dtype(manifest, dtype, "pass dtype=None (for OpenVINO's compute precision use "
+                       "precision='f32'|'bf16')")
     core = ov.Core()
     name = _device(core, device)
     capabilities = set(core.get_property(name, "OPTIMIZATION_CAPABILITIES"))
