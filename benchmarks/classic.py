@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from composekit import Compositor
-from composekit.demo import demo_images
+from composekit.apps.demo import demo_images
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,9 @@ STEPS_TO = 50
 
 
 def _models(root: Path, size: str) -> dict[str, Path]:
-    from composekit.random_models import make_random_model, make_random_tiny_vae
     from composekit_export.onnx_export import export_onnx
+
+    from composekit.apps.random_models import make_random_model, make_random_tiny_vae
 
     paths = {"model": root / f"pbe-{size}", "taesd": root / f"taesd-{size}", "onnx": root / f"pbe-{size}-onnx",
              "fused": root / f"pbe-{size}-onnx-fused"}
@@ -162,7 +163,7 @@ def _with_tiny_vae(comp: Compositor, taesd: Path) -> Any:
 
     from composekit.backends.torch_backend import load_tiny_vae
 
-    backend = copy.copy(comp.backend)
+    backend = copy.copy(comp.backend.inner)  # the loaded backend, under the compositor's context cache
     backend.components = dict(backend.components)  # the copy's own table: comp keeps decoding with the VAE
     backend.use_tiny_vae(load_tiny_vae(taesd, backend.device, backend.dtype, backend.info.latent_channels))
     return backend

@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from composekit import Compositor
-from composekit.classic import classic_composite
-from composekit.demo import DEMO_BOX, demo_images
-from composekit.files import save_image_atomic
-from composekit.images import load_picture
-from composekit.sampler import lowpass_matrix
+from composekit.apps.demo import DEMO_BOX, demo_images
+from composekit.core.classic import classic_composite
+from composekit.core.sampler import lowpass_matrix
+from composekit.formats.atomic import save_image_atomic
+from composekit.formats.images import load_picture
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     background, obj, source = demo_images()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _naive_latent(comp: Compositor, bg, ob) -> tuple[np.ndarray, np.ndarray]:
     """y_0 as the compositor builds it (naive paste through the same window, VAE-encoded), and the hole."""
-    from composekit import geometry
+    from composekit.core import geometry
 
     info = comp.backend.info
     window = geometry.plan_window(DEMO_BOX, bg.width, bg.height, info.model_size)

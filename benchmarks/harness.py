@@ -78,7 +78,7 @@ def _inputs(size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int
 
 
 def stage_times(comp: Compositor, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    b = comp.backend
+    b = comp.backend.inner  # the loaded backend itself: the compositor's context cache would answer repeats
     info = b.info
     m, f = info.model_size, info.vae_scale_factor
     rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Images per second of ``composekit.distributed.ray_batch`` with 1 and 2 workers, on one machine.
+"""Images per second of ``composekit.apps.ray_batch.ray_batch`` with 1 and 2 workers, on one machine.
 
     python -m benchmarks.ray_throughput --images 32 --steps 4 --out bench-ray
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    from composekit.distributed import _start_ray, ray_batch
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
+    from composekit.apps.ray_batch import _start_ray, ray_batch
 
     _start_ray(None)  # the local cluster's start-up is not part of any row
 

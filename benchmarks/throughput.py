@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     model_dir = Path(args.models) / f"pbe-{args.size}"
     if not (model_dir / "model_index.json").exists():

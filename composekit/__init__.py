@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
-from .compositor import CompositeResult, Compositor
-from .errors import (
+from composekit.compositor import CompositeResult, Compositor
+from composekit.core.options import ClassicOptions, GenerativeOptions
+from composekit.errors import (
     BackendUnavailableError,
     ComposekitError,
     EngineIncompatibleError,
@@ -35,6 +36,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "Compositor",
     "CompositeResult",
+    "GenerativeOptions",
+    "ClassicOptions",
     "ComposekitError",
     "InputError",
     "ModelError",

@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
+import importlib.util
 import itertools
 import logging
 import os
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import geometry
-from .backends import Backend, choose_backend, open_backend
-from .errors import ComposekitError, InputError
-from .images import load_picture, to_caller_kind
-from .loading import TINY_VAE_ALLOW_PATTERNS, resolve_source
-from .options import MAX_FEATHER, ClassicOptions, GenerativeOptions, field_names
-from .preprocess import ClipPreprocessor, flatten_cutout, require_visible
-from .sampler import Job, SamplerOptions, check_latents, sample_batch
-from .scheduler import DDIMScheduler
+from composekit.backends import Backend, choose_backend, open_backend
+from composekit.backends.context_cache import ContextCache
+from composekit.core import geometry
+from composekit.core.devices import KINDS, parse_device
+from composekit.core.options import (
+    SEED,
+    ClassicOptions,
+    GenerativeOptions,
+    PasteOptions,
+    check_choice,
+    check_integer,
+    not_for_method,
+    resolve,
+)
+from composekit.core.preprocess import ClipPreprocessor, flatten_cutout, require_visible
+from composekit.core.sampler import Job, check_latents, sample_batch
+from composekit.core.scheduler import DDIMScheduler
+from composekit.errors import BackendUnavailableError, ComposekitError, InputError, install_hint
+from composekit.formats.images import load_picture, to_caller_kind
+from composekit.formats.model_source import resolve_source
 
 __all__ = ["Compositor", "CompositeResult"]
 
 logger = logging.getLogger(__name__)
-_CONTEXT_CACHE_SIZE = 8  # objects whose encoded context is kept between calls
 
 
 @dataclass(frozen=True)
@@ -44,20 +52,21 @@ class CompositeResult:
             region). Everything else is bit-identical to the background.
         box: the region's bounding box ``(x0, y0, x1, y1)`` in background pixels (with several
             objects, the box around all of them).
-        seed: the seed the noise was drawn from (drawn at random when the call gave none).
+        seed: the seed the noise was drawn from (drawn at random when the call gave none); None for the
+            classic method, which draws no noise.
         steps, guidance: the sampler settings used (0 for the classic method).
         timings: seconds per stage (``encode_object``, ``encode_image``, ``denoise``, ``decode``,
             ``prepare``, ``paste``, ``total``; ``classic``, ``total`` for the classic method), summed
             over the objects.
         method: ``"generative"`` or ``"classic"``.
-        seeds: each object's seed (the first is ``seed``).
+        seeds: each object's seed (the first is ``seed``); empty for the classic method.
         boxes: each object's region box.
     """
 
     image: Any
     mask: np.ndarray
     box: tuple[int, int, int, int]
-    seed: int
+    seed: int | None
     steps: int
     guidance: float
     timings: Mapping[str, float] = field(default_factory=dict)
@@ -67,11 +76,9 @@ class CompositeResult:
 
 
 def _seed(seed: Any) -> int:
-    if seed is None:
-        return secrets.randbits(63)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
+    """The caller's seed, checked, or a fresh random one."""
+    seed = SEED.check(seed)
+    return secrets.randbits(63) if seed is None else seed
 
 
 def _region(mask: Any, box: Any, width: int, height: int) -> tuple[geometry.Box, np.ndarray | None]:
@@ -109,12 +116,11 @@ class Compositor:
                  backdrop: tuple[int, int, int] = (255, 255, 255)) -> None:
         """``Compositor()`` with no model is the weights-free ``classic`` compositor; use
         [`from_pretrained`][composekit.Compositor.from_pretrained] for the generative one."""
-        self.backend = backend
+        # The sampler encodes objects through the backend; the cache answers repeated objects from memory.
+        self.backend = backend if backend is None or isinstance(backend, ContextCache) else ContextCache(backend)
         self.scheduler = scheduler
         self.preprocessor = preprocessor
         self.backdrop = backdrop
-        self._context_cache: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
-        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         if self.backend is None:
@@ -163,19 +169,25 @@ class Compositor:
                 ``tensorrt``: ``cuda_graph`` (replay the U-Net step as a CUDA graph), ``verify_engines``.
                 ``torch``: ``channels_last``, ``compile`` (see the backends page of the docs).
         """
+        device = parse_device(device, backend="composekit", allowed=tuple(KINDS))  # parsed once, here
+        if backend in ("auto", "torch") and not Path(source).exists():
+            # A Hub repo holds a diffusers model, which only the torch backend opens: say so before a download.
+            missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise BackendUnavailableError(f"{source} is not a local directory, so it would be downloaded from the "
+                                              f"Hugging Face Hub as a diffusers model, which needs {', '.join(missing)}; "
+                                              f"{install_hint('torch')}")
         root = resolve_source(source, revision=revision, local_files_only=local_files_only)
         # The directory is read once (by its marker's reader) and opened by the chosen backend, which
         # returns itself with its card: model info, scheduler and feature-extractor configs, backdrop.
         name, content = choose_backend(backend, root, device)
-        if vae is not None:
-            if name == "torch":
-                vae = resolve_source(vae, local_files_only=local_files_only, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
-            backend_options["vae"] = vae
-        loaded = open_backend(name, content, device=device, dtype=dtype, **backend_options)
+        # Every loader takes device, dtype, vae and local_files_only; each handles vae its own way.
+        loaded = open_backend(name, content, device=device, dtype=dtype, vae=vae, local_files_only=local_files_only,
+                              **backend_options)
         card = loaded.card
         scheduler = DDIMScheduler.from_config(card.scheduler)
         preprocessor = ClipPreprocessor.from_config(card.feature_extractor)
-        # cutout_backdrop was checked against its schema when the index or manifest was read (composekit.configs)
+        # cutout_backdrop was checked against its schema when the index or manifest was read (composekit.formats.safe_json)
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
         return cls(loaded, scheduler, preprocessor, card.backdrop)
 
@@ -186,32 +198,18 @@ class Compositor:
         box: Any = None,
         *,
         mask: Any = None,
-        steps: int = 50,
-        guidance: float = 5.0,
-        eta: float = 0.0,
         seed: int | None = None,
         latents: Any = None,
-        context: float = 2.0,
-        feather: int | None = None,
-        progress: bool = True,
         callback: Callable[[int, int, np.ndarray], None] | None = None,
         method: str | None = None,
-        harmonize: float = 0.5,
-        shadow: float = 0.35,
-        guidance_end: float = 1.0,
-        decode: str = "window",
-        fidelity: float = 0.0,
-        fidelity_factor: int | None = None,
-        fidelity_steps: float | None = None,
-        region: str = "box",
-        margin: int | None = None,
-        options: GenerativeOptions | ClassicOptions | None = None,
+        options: PasteOptions | None = None,
+        **option_values: Any,
     ) -> CompositeResult:
         """Paste ``obj`` into ``background`` at ``box`` (or ``mask``) and let the model harmonise it.
 
         Args:
             obj: The object (PIL image, ``HxWx3``/``HxWx4`` array, path or bytes). An alpha channel
-                marks a cut-out (see ``composekit.preprocess``). A list of objects pastes them one
+                marks a cut-out (see ``composekit.core.preprocess``). A list of objects pastes them one
                 after another (then ``box``/``mask`` are lists of the same length): each sees the
                 earlier ones in its context window, and later objects cover earlier ones where their
                 regions overlap.
@@ -219,44 +217,17 @@ class Compositor:
             box: ``(x0, y0, x1, y1)`` in background pixels, ``x1``/``y1`` exclusive.
             mask: Alternatively (or inside ``box``), an image or array the background's size whose
                 white pixels (>= 128, or True for a bool array) are the editable region.
-            steps: DDIM steps.
-            guidance: Classifier-free guidance scale (<= 1 disables it).
-            eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
             seed: Seed of all noise (drawn on the CPU); None draws one (reported in the result). With
                 several objects, object ``i > 0`` uses a seed derived from it (``result.seeds``).
             latents: Initial noise ``(1, 4, M/8, M/8)`` to use instead of drawing it from ``seed``
                 (one object only).
-            context: Side of the square context window the model sees, in multiples of the box's
-                longer side (1..64).
-            feather: Width in pixels of the soft edge inside the region; None = 1/16 of the box's
-                shorter side (2 for the classic method); 0 = hard edge.
-            progress: Show a tqdm progress bar.
             callback: Called as ``callback(step, timestep, latents)`` after every step, with the
                 latents as a numpy array.
             method: ``"generative"`` (the model) or ``"classic"`` (no model: scale, colour-harmonise,
-                feather and shadow the object in milliseconds; see ``composekit.classic``). None =
+                feather and shadow the object in milliseconds; see ``composekit.core.classic``). None =
                 generative when a model is loaded, classic otherwise.
-            guidance_end: Fraction of the steps (from the start) that use classifier-free guidance;
-                later steps run one conditional U-Net pass instead of two. 1.0 (default) guides
-                every step, as the reference pipeline does.
-            decode: ``"window"`` (default) decodes the whole context window, as the reference pipeline
-                does; ``"region"`` decodes only the editable region's latent cells plus a 64-pixel
-                margin (what is pasted back), which is cheaper when the region is small. Needs a
-                backend whose decoder takes any size (``torch``).
-            fidelity: 0..1, how much of the object's own appearance the region keeps (masked ILVR
-                towards the naive paste; see the concepts page of the docs). 0 (default) = off, the
-                plain sampler bit for bit; 1 = the naive paste itself.
-            fidelity_factor: Expert override of the low-pass factor ``N`` (latent cells) that
-                ``fidelity`` maps to.
-            fidelity_steps: Expert override of the fraction of steps that ``fidelity`` maps to.
-            region: ``"box"`` (default: the whole box, or the mask, is editable) or ``"silhouette"``:
-                for a cut-out (RGBA) object, only its alpha placed in the box and grown by ``margin``
-                pixels is editable, so less background is regenerated.
-            margin: Silhouette growth in pixels; None = 1/8 of the box's shorter side (at least 2).
-            harmonize: Classic method: colour-transfer strength, 0..1.
-            shadow: Classic method: contact-shadow darkness, 0..1.
-            options: A [`GenerativeOptions`][composekit.options.GenerativeOptions] or
-                [`ClassicOptions`][composekit.options.ClassicOptions] instead of the keyword options above
+            options: A [`GenerativeOptions`][composekit.core.options.GenerativeOptions] or
+                [`ClassicOptions`][composekit.core.options.ClassicOptions] instead of the keyword options above
                 (not both).
 
         Returns:
@@ -267,10 +238,10 @@ class Compositor:
             NumericalError: NaN or inf appeared while sampling or decoding.
         """
         start = time.perf_counter()
-        given = {k: v for k, v in locals().items() if k in _OPTION_KEYWORDS}  # the option keywords, as passed
-        method, opts = self._options(method, options, given)
+        method, opts = self._options(method, options, option_values)
+        if method == "classic" and seed is not None:
+            raise InputError(not_for_method("seed", "classic"))
         seed = _seed(seed)
-        _check_region_options(region, margin)
 
         bg = load_picture(background, "background")
         objects, boxes, masks = _jobs(obj, box, mask)
@@ -282,7 +253,7 @@ class Compositor:
             require_visible(ob.alpha)
             pictures.append(ob)
         seeds = [seed] + [_derived_seed(seed, i) for i in range(1, len(objects))]
-        regions = [_object_region(ob, b, m, bg, region, margin) for ob, b, m in zip(pictures, boxes, masks)]
+        regions = [_object_region(ob, b, m, bg, opts) for ob, b, m in zip(pictures, boxes, masks)]
 
         rgb = bg.rgb
         changes = []
@@ -297,33 +268,28 @@ class Compositor:
             for key, value in stage.items():
                 timings[key] = timings.get(key, 0.0) + value
         timings["total"] = time.perf_counter() - start
-        return _composite_result(bg, rgb, changes, seeds, method, opts, timings)
+        return _composite_result(bg, rgb, changes, seeds if method == "generative" else [], method, opts, timings)
 
-    def _options(self, method: str | None, options: Any, given: dict[str, Any]) -> tuple[str, Any]:
-        """The method and its validated options, from ``options=`` or from the keyword arguments."""
+    def _options(self, method: str | None, options: Any, given: dict[str, Any]) -> tuple[str, PasteOptions]:
+        """The method and its validated options, from ``options=`` or from the keyword values as passed."""
         if options is not None:
             if not isinstance(options, (GenerativeOptions, ClassicOptions)):
                 raise InputError(f"options must be a GenerativeOptions or ClassicOptions, got {type(options).__name__}")
-            changed = sorted(k for k, v in given.items() if v != _PASTE_DEFAULTS[k])
-            if changed:
-                raise InputError(f"pass either options= or keyword options, not both (got options= and {changed})")
-            implied = "classic" if isinstance(options, ClassicOptions) else "generative"
-            if method is not None and method != implied:
+            if given:
+                raise InputError(f"pass either options= or keyword options, not both (got options= and "
+                                 f"{sorted(given)})")
+            if method is not None and method != options.method:
                 raise InputError(f"method={method!r} does not match options of type {type(options).__name__}")
-            method = implied
-        method = method or ("generative" if self.backend is not None else "classic")
-        _choice_check("method", method, ("generative", "classic"))
+            method = options.method
+        method = check_choice("method", method, ("generative", "classic"), nullable=True) or (
+            "generative" if self.backend is not None else "classic")
         if method == "generative" and self.backend is None:
             raise InputError(
                 "this Compositor has no model, so only method='classic' is available; load one with "
                 "Compositor.from_pretrained('Fantasy-Studio/Paint-by-Example') for generative compositing"
             )
         if options is None:
-            cls = GenerativeOptions if method == "generative" else ClassicOptions
-            # Every keyword is checked, also those the chosen method does not use (a typo is never silent).
-            GenerativeOptions(**{k: v for k, v in given.items() if k in _GENERATIVE_FIELDS})
-            ClassicOptions(**{k: v for k, v in given.items() if k in _CLASSIC_FIELDS})
-            options = cls(**{k: v for k, v in given.items() if k in field_names(cls)})
+            options = resolve(method, given)
         if method == "generative":
             if options.decode == "region" and not self.backend.info.any_size_decode:
                 raise InputError(f"decode='region' needs a decoder that takes any latent size; the "
@@ -349,15 +315,13 @@ class Compositor:
         if opts.ilvr is not None:
             # The naive paste y (the object placed in the box as the classic method places it, no colour
             # transfer, no shadow, hard edge), seen through the same window: fidelity control's target.
-            from .classic import classic_composite
+            from composekit.core.classic import classic_composite
 
             naive, _ = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask, harmonize=0.0, shadow=0.0,
                                          feather=0)
             guide = geometry.crop_window(naive, window)
-        f = info.vae_scale_factor
-        shape = (1, info.latent_channels, info.model_size // f, info.model_size // f)
         job = Job(window_pixels, hole, object_pixels, seed, guide,
-                  None if latents is None else check_latents(latents, shape))
+                  None if latents is None else check_latents(latents, info.latent_shape()))
         return _Prepared(rgb, region_box, region_mask, window, job, time.perf_counter() - start)
 
     def _finish(self, prep: "_Prepared", out: Any, opts: GenerativeOptions
@@ -373,33 +337,29 @@ class Compositor:
         timings.update(prepare=prep.seconds, paste=time.perf_counter() - pasted)
         return composite, alpha > 0, timings
 
-    def _sampler_options(self, opts: GenerativeOptions, seed: int = 0, callback: Any = None) -> SamplerOptions:
-        return SamplerOptions(steps=opts.steps, guidance=opts.guidance, eta=opts.eta, seed=seed,
-                              guidance_end=opts.guidance_end, decode=opts.decode, progress=opts.progress,
-                              callback=callback, ilvr=opts.ilvr)
-
     def _generate(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
                   seed: int, opts: GenerativeOptions, latents: Any, callback: Any
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
         prep = self._prepare(rgb, ob, region_box, region_mask, seed, opts, latents)
-        out = sample_batch(self.backend, self.scheduler, [prep.job], self._sampler_options(opts, seed, callback),
-                           encode_objects=self._object_contexts)[0]
+        out = sample_batch(self.backend, self.scheduler, [prep.job], opts, callback)[0]
         if isinstance(out, ComposekitError):
             raise out
         return self._finish(prep, out, opts)
 
     # -- many composites ----------------------------------------------------------------------------
 
-    def paste_batch(self, jobs: Iterable[Any], *, batch_size: int = 4, **options: Any) -> list[Any]:
+    def paste_batch(self, jobs: Iterable[Any], *, batch_size: int = 4, method: str | None = None,
+                    options: PasteOptions | None = None,
+                    callback: Callable[[int, int, np.ndarray], None] | None = None, **option_values: Any) -> list[Any]:
         """Many independent composites, sampled together; returns one entry per job, in order.
 
         Each job is a mapping with keys ``object``, ``background`` and ``box`` and/or ``mask``, and
-        optionally ``seed`` (drawn when absent), or a tuple ``(object, background, box)`` /
-        ``(object, background, box, seed)``. ``options`` are [`paste`][composekit.Compositor.paste]'s keyword options (``steps``,
-        ``guidance``, ``fidelity``, ``region``, ..., or ``options=``), shared by every job; ``progress``
-        defaults to False here, and ``callback(step, timestep, latents)`` sees each batch's latents
-        ``(B, 4, h, w)`` (the jobs that reached the sampler, in order).
+        optionally ``seed`` (drawn when absent; generative only), or a tuple ``(object, background, box)`` /
+        ``(object, background, box, seed)``. ``method``, ``options`` and ``option_values`` are
+        [`paste`][composekit.Compositor.paste]'s (``steps``, ``guidance``, ``fidelity``, ``region``, ...),
+        shared by every job; ``progress`` defaults to False here, and ``callback(step, timestep, latents)``
+        sees each batch's latents ``(B, 4, h, w)`` (the jobs that reached the sampler, in order).
 
         Up to ``batch_size`` jobs run as one batch: one object-encoder and one VAE-encoder call for all of
         them, one U-Net call per step (``2 x batch_size`` rows with guidance), one decode. Each result
@@ -412,36 +372,35 @@ class Compositor:
         Exported models and engines take batches up to the size they were exported for
         (``composekit-export onnx --max-batch N``).
         """
-        return list(self.paste_stream(jobs, batch_size=batch_size, **options))
+        return list(self.paste_stream(jobs, batch_size=batch_size, method=method, options=options, callback=callback,
+                                      **option_values))
 
-    def paste_stream(self, jobs: Iterable[Any], *, batch_size: int = 4, **options: Any) -> Iterator[Any]:
+    def paste_stream(self, jobs: Iterable[Any], *, batch_size: int = 4, method: str | None = None,
+                     options: PasteOptions | None = None,
+                     callback: Callable[[int, int, np.ndarray], None] | None = None, **option_values: Any
+                     ) -> Iterator[Any]:
         """[`paste_batch`][composekit.Compositor.paste_batch] as an iterator: jobs are read lazily and results come out as each batch
         finishes, so memory is bounded by ``batch_size`` whatever the number of jobs."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= 256:
-            raise InputError(f"batch_size must be an integer in 1..256, got {batch_size!r}")
-        unknown = sorted(set(options) - _BATCH_OPTIONS)
-        if unknown:
-            raise InputError(f"paste_batch takes no option(s) {unknown}; per-job values (object, background, box, "
-                             f"mask, seed) go in the jobs, shared ones are {sorted(_BATCH_OPTIONS)}")
-        if options.get("options") is None:
-            options.setdefault("progress", False)
-        method = options.get("method")
-        given = {k: options.get(k, _PASTE_DEFAULTS[k]) for k in _OPTION_KEYWORDS}
-        method, opts = self._options(method, options.get("options"), given)
+        batch_size = check_integer("batch_size", batch_size, 1, 256)
+        per_job = sorted(set(option_values) & {"object", "background", "box", "mask", "seed", "latents"})
+        if per_job:
+            raise InputError(f"paste_batch takes no option(s) {per_job}; per-job values (object, background, box, "
+                             "mask, seed) go in the jobs")
+        if options is None:
+            option_values.setdefault("progress", False)
+        method, opts = self._options(method, options, option_values)
         limit = self.backend.info.max_batch if self.backend is not None else None
         if method == "generative" and limit is not None and batch_size > limit:
             raise InputError(f"batch_size={batch_size}, but this {self.backend.name} model takes at most {limit} "
                              f"composites per batch; pass batch_size<={limit} or re-export with --max-batch {batch_size}")
-        shared = {k: options[k] for k in ("region", "margin", "callback") if k in options}
-        _check_region_options(shared.get("region", "box"), shared.get("margin"))
         iterator = iter(jobs)
         while True:
-            chunk = list(itertools.islice(iterator, int(batch_size)))
+            chunk = list(itertools.islice(iterator, batch_size))
             if not chunk:
                 return
-            yield from self._run_batch(chunk, method, opts, shared)
+            yield from self._run_batch(chunk, method, opts, callback)
 
-    def _run_batch(self, chunk: list[Any], method: str, opts: Any, shared: dict[str, Any]) -> list[Any]:
+    def _run_batch(self, chunk: list[Any], method: str, opts: PasteOptions, callback: Any) -> list[Any]:
         """One batch: prepare each job (failures are kept in place), sample the good ones together, finish."""
         results: list[Any] = [None] * len(chunk)
         prepared: dict[int, tuple[Any, _Prepared, int]] = {}
@@ -450,23 +409,19 @@ class Compositor:
                 item = _batch_job(raw)
                 if method == "classic":
                     results[i] = self.paste(item["object"], item["background"], item.get("box"), mask=item.get("mask"),
-                                            seed=item.get("seed"), options=opts, region=shared.get("region", "box"),
-                                            margin=shared.get("margin"))
+                                            seed=item.get("seed"), options=opts)
                     continue
                 seed = _seed(item.get("seed"))
                 bg = load_picture(item["background"], "background")
                 ob = load_picture(item["object"], "object")
                 require_visible(ob.alpha)
-                region_box, region_mask = _object_region(ob, item.get("box"), item.get("mask"), bg,
-                                                         shared.get("region", "box"), shared.get("margin"))
+                region_box, region_mask = _object_region(ob, item.get("box"), item.get("mask"), bg, opts)
                 prepared[i] = (bg, self._prepare(bg.rgb, ob, region_box, region_mask, seed, opts), seed)
             except ComposekitError as exc:
                 results[i] = exc
         if prepared:
             rows = sorted(prepared)
-            outs = sample_batch(self.backend, self.scheduler, [prepared[i][1].job for i in rows],
-                                self._sampler_options(opts, callback=shared.get("callback")),
-                                encode_objects=self._object_contexts)
+            outs = sample_batch(self.backend, self.scheduler, [prepared[i][1].job for i in rows], opts, callback)
             for i, out in zip(rows, outs):
                 bg, prep, seed = prepared[i]
                 if isinstance(out, ComposekitError):
@@ -478,66 +433,38 @@ class Compositor:
                                                timings)
         return results
 
-    def _object_contexts(self, pixels: list[np.ndarray]) -> tuple[Any, Any]:
-        """The objects' (cond, uncond) contexts, one row each: cached objects from the cache, the others
-        encoded together in one call (an object repeated in the batch is encoded once).
-
-        Only single-object encodes are cached, so a cached context is bit for bit what encoding that
-        object alone gives, whatever batches ran before. Entries are read-only backend arrays; the lock
-        only guards the cache's bookkeeping, so concurrent calls still encode in parallel.
-        """
-        keys = [hashlib.sha256(p.tobytes()).digest() for p in pixels]
-        rows: dict[bytes, tuple[Any, Any]] = {}
-        with self._cache_lock:
-            for key in keys:
-                hit = self._context_cache.get(key)
-                if hit is not None:
-                    self._context_cache.move_to_end(key)
-                    rows[key] = hit
-        missing = list(dict.fromkeys(k for k in keys if k not in rows))
-        if missing:
-            by_key = dict(zip(keys, pixels))  # equal keys, equal pixels
-            cond, uncond = self.backend.encode_object(np.concatenate([by_key[k] for k in missing]))
-            fresh = {k: (cond, uncond) if len(missing) == 1 else (cond[j:j + 1], uncond[j:j + 1])
-                     for j, k in enumerate(missing)}
-            rows.update(fresh)
-            if len(missing) == 1:
-                with self._cache_lock:
-                    self._context_cache.update(fresh)
-                    while len(self._context_cache) > _CONTEXT_CACHE_SIZE:
-                        self._context_cache.popitem(last=False)
-        if len(keys) == 1:
-            return rows[keys[0]]
-        return (self.backend.cat([rows[k][0] for k in keys], 0), self.backend.cat([rows[k][1] for k in keys], 0))
-
     def _classic(self, rgb: np.ndarray, ob: Any, region_box: geometry.Box, region_mask: np.ndarray | None,
                  opts: ClassicOptions) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """One object, the weights-free way: (new background pixels, changed pixels of the box, timings)."""
-        from .classic import classic_composite
+        from composekit.core.classic import classic_composite
 
         start = time.perf_counter()
+        if ob.alpha is None and region_mask is None:
+            logger.warning("the object has no alpha channel, so the classic method pastes its whole rectangle into the "
+                           "box (its own background too); use a cut-out (PNG or WebP with transparency) to paste only "
+                           "the object")
         radius = 2 if opts.feather is None else opts.feather
         composite, changed = classic_composite(rgb, ob.rgb, ob.alpha, region_box, region_mask,
                                                harmonize=opts.harmonize, shadow=opts.shadow, feather=radius)
         return composite, changed, {"classic": time.perf_counter() - start}
 
 
-def _check_region_options(region: Any, margin: Any) -> None:
-    _choice_check("region", region, ("box", "silhouette"))
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, np.integer))
-                               or not 0 <= margin <= MAX_FEATHER):
-        raise InputError(f"margin must be an integer in 0..{MAX_FEATHER} (pixels) or None, got {margin!r}")
-
-
-def _object_region(ob: Any, box: Any, mask: Any, bg: Any, region: str, margin: int | None
+def _object_region(ob: Any, box: Any, mask: Any, bg: Any, opts: PasteOptions
                    ) -> tuple[geometry.Box, np.ndarray | None]:
     """One object's editable region: its box (or mask), or with ``region="silhouette"`` its grown alpha."""
-    region_box, region_mask = _region(mask, box, bg.width, bg.height)
-    if region == "silhouette":
+    try:
+        region_box, region_mask = _region(mask, box, bg.width, bg.height)
+    except InputError as exc:
+        if box is not None and "outside" in str(exc) and _fits(box, ob.width, ob.height) and \
+                ob.width * ob.height > bg.width * bg.height:
+            raise InputError(f"{exc}. The box fits the object ({ob.width}x{ob.height}) instead: are the object and "
+                             "the background swapped? The object comes first, then the background") from None
+        raise
+    if opts.region == "silhouette":
         if mask is not None:
             raise InputError("region='silhouette' makes the region from the object's alpha; drop mask= "
                              "(or use region='box' with your mask)")
-        grow = geometry.default_margin(region_box) if margin is None else int(margin)
+        grow = geometry.default_margin(region_box) if opts.margin is None else opts.margin
         region_mask = geometry.silhouette_region(ob.alpha, region_box, grow)
     return region_box, region_mask
 
@@ -551,19 +478,22 @@ def _composite_result(bg: Any, rgb: np.ndarray, changes: list[tuple[geometry.Box
     boxes = tuple(box for box, _ in changes)
     union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
     generative = method == "generative"
-    return CompositeResult(image=to_caller_kind(rgb, bg), mask=mask, box=union, seed=seeds[0],
+    return CompositeResult(image=to_caller_kind(rgb, bg), mask=mask, box=union, seed=seeds[0] if seeds else None,
                            steps=opts.steps if generative else 0, guidance=opts.guidance if generative else 0.0,
                            timings=MappingProxyType(timings), method=method, seeds=tuple(seeds), boxes=boxes)
-
-
-def _choice_check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise InputError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
 
 
 def _derived_seed(seed: int, index: int) -> int:
     """The seed of object ``index`` (> 0) of a several-object call: a 63-bit hash of (seed, index)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _fits(box: Any, width: int, height: int) -> bool:
+    try:
+        geometry.validate_box(box, width, height)
+    except InputError:
+        return False
+    return True
 
 
 def _is_box(value: Any) -> bool:
@@ -625,7 +555,3 @@ def _batch_job(raw: Any) -> dict[str, Any]:
     if isinstance(item["object"], (list, tuple)):
         raise InputError("a batch job pastes one object; use paste() for several objects in one image")
     return item
-_PASTE_DEFAULTS = {name: p.default for name, p in inspect.signature(Compositor.paste).parameters.items()}
-_GENERATIVE_FIELDS, _CLASSIC_FIELDS = field_names(GenerativeOptions), field_names(ClassicOptions)
-_OPTION_KEYWORDS = tuple(sorted(_GENERATIVE_FIELDS | _CLASSIC_FIELDS))  # paste's keywords that are options
-_BATCH_OPTIONS = set(_OPTION_KEYWORDS) | {"method", "options", "region", "margin", "callback"}

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from composekit.cli import run_command
+from composekit.apps.cli import run_command
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -61,8 +61,8 @@ def _tensorrt(args: argparse.Namespace) -> int:
 def _adaptor_params(args: argparse.Namespace) -> int:
     import torch
 
-    from composekit.adaptors import ContentAdaptor
-    from composekit.random_models import component_configs
+    from composekit.apps.random_models import component_configs
+    from composekit.core.adaptors import ContentAdaptor
 
     cfg = component_configs(args.size)["adaptor"]
     rows = {}

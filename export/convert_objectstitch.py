@@ -206,10 +206,10 @@ def convert_objectstitch(
     )
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    from composekit.adaptors import ContentAdaptor
-    from composekit.modeldir import write_model_dir
-    from composekit.random_models import component_configs, model_index
-    from composekit.scheduler import DDIMScheduler as Schedule
+    from composekit.apps.random_models import component_configs, model_index
+    from composekit.core.adaptors import ContentAdaptor
+    from composekit.core.scheduler import DDIMScheduler as Schedule
+    from composekit.formats.model_writer import write_model_dir
 
     source = str(checkpoint)
     state = load_checkpoint(checkpoint)

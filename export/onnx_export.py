@@ -2,7 +2,7 @@
 
     composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17] [--optimize cpu|cuda]
 
-For each component of :mod:`composekit.specs` (object encoder = CLIP + adaptor/mapper as one
+For each component of :mod:`composekit.core.specs` (object encoder = CLIP + adaptor/mapper as one
 graph; U-Net; VAE encoder; VAE decoder):
 
 1. wrap the PyTorch module so its signature is the spec's (scaling factor baked into the VAE graphs);
@@ -31,10 +31,17 @@ from typing import Any
 
 import numpy as np
 
+from composekit.core.options import check_choice, check_integer
+from composekit.core.specs import ComponentSpec, ModelDims, component_specs
 from composekit.errors import InputError
-from composekit.files import atomic_directory
-from composekit.manifest import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest_data, sha256_file
-from composekit.specs import ComponentSpec, ModelDims, component_specs
+from composekit.formats.atomic import atomic_directory
+from composekit.formats.export_manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_manifest_data,
+    sha256_file,
+)
 
 __all__ = ["export_onnx"]
 
@@ -190,12 +197,10 @@ def export_onnx(
 
     from composekit import __version__
     from composekit.backends.torch_backend import load as load_torch
-    from composekit.loading import read_model_dir
+    from composekit.formats.model_source import read_model_dir
 
-    if precision not in ("fp32", "fp16"):
-        raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    if optimize not in (None, "cpu", "cuda"):
-        raise InputError(f"optimize must be None, 'cpu' or 'cuda', got {optimize!r}")
+    check_choice("precision", precision, ("fp32", "fp16"))
+    check_choice("optimize", optimize, ("cpu", "cuda"), nullable=True)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
@@ -203,7 +208,7 @@ def export_onnx(
     # fp16 graphs are traced from fp16 modules (CPU kernels suffice for tracing).
     vae_dir = None
     if tiny_vae is not None:
-        from composekit.loading import TINY_VAE_ALLOW_PATTERNS, resolve_source
+        from composekit.formats.model_source import TINY_VAE_ALLOW_PATTERNS, resolve_source
 
         vae_dir = resolve_source(tiny_vae, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
     backend = load_torch(files, device="cpu", dtype="float16" if precision == "fp16" else "float32",
@@ -215,8 +220,7 @@ def export_onnx(
     dims = ModelDims(model_size=info.model_size, vae_scale_factor=info.vae_scale_factor,
                      latent_channels=info.latent_channels, unet_in_channels=info.unet_in_channels,
                      context_tokens=int(probe.shape[1]), context_dim=int(probe.shape[2]))
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 256:
-        raise InputError(f"max_batch must be an integer in 1..256, got {max_batch!r}")
+    check_integer("max_batch", max_batch, 1, 256)
     specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
     graphs = backend.components  # the torch backend's own module per component spec
 

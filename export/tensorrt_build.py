@@ -4,8 +4,8 @@ NOT RUN BY THE PROJECT: no machine this project was built and tested on had Tens
 machines have no TensorRT and cannot carry it), so :func:`build_engines` is written against
 TensorRT 10's Python API and has never executed. What it shares with the runtime is tested
 everywhere: :func:`write_engine_dir` (the directory, sidecars and ``engines.json``; the tests drive it
-with a stand-in compiler), the profiles from :mod:`composekit.specs`, the staleness check of
-:mod:`composekit.engines`, and the clear error when TensorRT is missing.
+with a stand-in compiler), the profiles from :mod:`composekit.core.specs`, the staleness check of
+:mod:`composekit.formats.engine_dir`, and the clear error when TensorRT is missing.
 
 Per component: parse the ONNX graph into a strongly typed network — the engine's precision is the
 export's (``composekit-export onnx --fp16`` for fp16 engines): TensorRT 11 removed the weakly typed
@@ -24,11 +24,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from composekit.engines import ENGINES, EngineSidecar, gpu_identity, write_sidecar
+from composekit.core.specs import COMPONENT_NAMES, ComponentSpec
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
-from composekit.files import atomic_directory, atomic_file
-from composekit.manifest import read_manifest, sha256_file
-from composekit.specs import COMPONENT_NAMES, ComponentSpec
+from composekit.formats.atomic import atomic_directory, atomic_file
+from composekit.formats.engine_dir import ENGINES, EngineSidecar, gpu_identity, write_sidecar
+from composekit.formats.export_manifest import read_manifest, sha256_file
 
 __all__ = ["build_engines", "write_engine_dir", "ENGINES"]
 

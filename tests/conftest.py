@@ -19,7 +19,7 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     return make_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
@@ -27,8 +27,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, tiny_model_dir):
     """Tiny ONNX exports of both families: family -> (source model dir, export dir). Read-only: copy to mutate."""
-    from composekit.random_models import make_random_model
     from composekit_export.onnx_export import export_onnx
+
+    from composekit.apps.random_models import make_random_model
 
     root = tmp_path_factory.mktemp("exports")
     os_model = make_random_model(root / "os-src", "tiny", family="objectstitch", adaptor="conv1d", seed=4)

@@ -70,6 +70,11 @@ class Engine:
     def get_tensor_dtype(self, name: str):
         return {**self.inputs, **self.outputs}[name]
 
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The engine's shape of a tensor, -1 where it is dynamic (as TensorRT reports it)."""
+        args = {a.name: a for a in (*self.session.get_inputs(), *self.session.get_outputs())}
+        return tuple(d if isinstance(d, int) else -1 for d in args[name].shape)
+
     def create_execution_context(self) -> "Context":
         context = Context(self)
         self.contexts.append(context)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from composekit import ComposekitError, Compositor, InputError, NumericalError, sampler
-from composekit.images import load_picture
-from composekit.options import GenerativeOptions
-from composekit.random_models import make_random_model
 from conftest import gradient_background, noise_object
+
+from composekit import ComposekitError, Compositor, InputError, NumericalError
+from composekit.apps.random_models import make_random_model
+from composekit.core import sampler
+from composekit.core.options import GenerativeOptions
+from composekit.formats.images import load_picture
 
 SIZES = [(120, 90), (64, 64), (300, 140), (90, 200), (77, 51)]  # mixed background sizes
 BOXES = [(10, 10, 70, 80), (8, 8, 40, 40), (100, 20, 220, 120), (20, 60, 80, 180), (5, 5, 60, 45)]
@@ -113,7 +114,7 @@ def test_numerical_error_stays_with_its_job(compositor):
     batch = [p.job for p in prepared]
     batch[1] = sampler.Job(batch[1].window, batch[1].hole, batch[1].object_pixels, 1, latents=bad)
     outs = sampler.sample_batch(compositor.backend, compositor.scheduler, batch,
-                                sampler.SamplerOptions(steps=1, progress=False))
+                                GenerativeOptions(steps=1, progress=False))
     assert isinstance(outs[1], NumericalError)
     assert not isinstance(outs[0], ComposekitError) and not isinstance(outs[2], ComposekitError)
 
@@ -134,8 +135,9 @@ def test_batch_classic_and_bad_calls(compositor):
 def test_objects_are_encoded_in_one_call_per_batch(tiny_model_dir):
     comp = Compositor.from_pretrained(tiny_model_dir, device="cpu")  # a fresh object cache
     calls = []
-    real = comp.backend.encode_object
-    comp.backend.encode_object = lambda pixels: calls.append(pixels.shape[0]) or real(pixels)
+    inner = comp.backend.inner  # under the compositor's ContextCache
+    real = inner.encode_object
+    inner.encode_object = lambda pixels: calls.append(pixels.shape[0]) or real(pixels)
     try:
         jobs = _jobs(3)
         comp.paste_batch(jobs, batch_size=3, steps=1)
@@ -147,4 +149,4 @@ def test_objects_are_encoded_in_one_call_per_batch(tiny_model_dir):
         comp.paste_batch(same, batch_size=3, steps=1)
         assert calls == [1]
     finally:
-        del comp.backend.encode_object
+        del inner.encode_object

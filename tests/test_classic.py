@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from composekit import Compositor, InputError
-from composekit.classic import _lab, _rgb
+from composekit.core.classic import _lab, _rgb
 
 data = pytest.importorskip("skimage.data", reason="scikit-image provides the real example photographs")
 
 
 @pytest.fixture(scope="module")
 def photos():
-    from composekit.demo import demo_images
+    from composekit.apps.demo import demo_images
 
     background, cup, source = demo_images()
     assert "scikit-image" in source

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import gradient_background, noise_object
+from PIL import Image
 
 
 def run(*args, check=True):
@@ -24,7 +23,7 @@ def run(*args, check=True):
 def test_version_does_not_import_torch():
     out = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from composekit.cli import main\ntry:\n main(['--version'])\nexcept SystemExit: pass\n"
+         "import sys; from composekit.apps.cli import main\ntry:\n main(['--version'])\nexcept SystemExit: pass\n"
          "assert 'torch' not in sys.modules, 'torch imported'"],
         capture_output=True, text=True, check=True,
     )
@@ -119,7 +118,7 @@ def test_batch_over_a_folder_and_a_boxes_file(tmp_path):
 def test_missing_torch_is_a_clear_error(tmp_path):
     """Without the torch extra, commands that need it exit 4 with the install command (no traceback)."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from composekit.cli import main\n"
+            "from composekit.apps.cli import main\n"
             f"sys.exit(main(['make-model', 'tiny', {str(tmp_path / 'm')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 4, proc.stderr
@@ -157,7 +156,7 @@ def test_paste_several_objects_fidelity_and_silhouette(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("flags,text", [(["--steps", "3"], "--steps applies to the generative"),
-                                        (["--fidelity", "2"], "--fidelity applies"),
+                                        (["--fidelity", "0.5"], "--fidelity applies"),
                                         (["--device", "cuda"], "--device applies")])
 def test_classic_refuses_generative_flags(tmp_path, flags, text):
     gradient_background(64, 64).save(tmp_path / "bg.png")
@@ -220,7 +219,7 @@ def test_library_words_become_flags_and_v_after_the_command(tmp_path):
 
 def test_threads_flag_sets_the_torch_pool(tiny_model_dir, tmp_path):
     gradient_background(64, 64).save(tmp_path / "bg.png")
-    code = ("import sys, torch\nfrom composekit.cli import main\n"
+    code = ("import sys, torch\nfrom composekit.apps.cli import main\n"
             f"rc = main(['paste', {str(tmp_path / 'bg.png')!r}, {str(tmp_path / 'bg.png')!r}, '--box', '0,0,8,8', "
             f"'-o', {str(tmp_path / 'o.png')!r}, '--model', {str(tiny_model_dir)!r}, '--steps', '1', '--threads', '1', "
             "'-q'])\nprint(rc, torch.get_num_threads())")

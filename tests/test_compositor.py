@@ -7,10 +7,10 @@ import io
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 from PIL import Image
 
 from composekit import CompositeResult, InputError
-from conftest import gradient_background, noise_object
 
 FAST = dict(steps=2, guidance=3.0, progress=False)
 
@@ -270,14 +270,15 @@ def test_guidance_end_cuts_guidance_and_defaults_to_the_reference(compositor):
 def test_object_context_is_cached_across_calls(compositor):
     bg, obj = gradient_background(64, 64), noise_object(50, 60, seed=99)
     encoded = []
-    real = compositor.backend.encode_object
-    compositor.backend.encode_object = lambda pixels: encoded.append(1) or real(pixels)
+    inner = compositor.backend.inner  # the compositor's backend is a ContextCache around the loaded one
+    real = inner.encode_object
+    inner.encode_object = lambda pixels: encoded.append(1) or real(pixels)
     try:
         a = compositor.paste(obj, bg, (8, 8, 40, 40), seed=1, **FAST)
         b = compositor.paste(obj, bg, (16, 16, 48, 48), seed=2, **FAST)
         c = compositor.paste(noise_object(50, 60, seed=100), bg, (8, 8, 40, 40), seed=1, **FAST)
     finally:
-        del compositor.backend.encode_object
+        del inner.encode_object
     assert len(encoded) == 2  # the second call reused the first call's encoding
     again = compositor.paste(obj, bg, (8, 8, 40, 40), seed=1, **FAST)
     assert np.array_equal(np.asarray(a.image), np.asarray(again.image))

@@ -11,9 +11,15 @@ import sys
 import pytest
 
 from composekit import EngineIncompatibleError, ModelError
-from composekit.engines import EngineSidecar, check_engine, read_sidecar, sidecar_path, write_sidecar
-from composekit.manifest import sha256_file
-from composekit.specs import ModelDims, component_specs
+from composekit.core.specs import ModelDims, component_specs
+from composekit.formats.engine_dir import (
+    EngineSidecar,
+    check_engine,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+from composekit.formats.export_manifest import sha256_file
 
 SD = ModelDims(model_size=512, vae_scale_factor=8, latent_channels=4, unet_in_channels=9, context_tokens=1,
                context_dim=768)
@@ -100,12 +106,12 @@ def test_build_without_tensorrt_is_a_clear_error(tmp_path):
                     reason="TensorRT is not installed: no machine this project is built and tested on has it")
 def test_build_engines_from_a_tiny_export(tmp_path, tiny_model_dir):  # pragma: no cover - needs TensorRT + GPU
     import numpy as np
-
-    from composekit import Compositor
-    from composekit.engines import gpu_identity
-    from conftest import gradient_background, noise_object
     from composekit_export.onnx_export import export_onnx
     from composekit_export.tensorrt_build import build_engines
+    from conftest import gradient_background, noise_object
+
+    from composekit import Compositor
+    from composekit.formats.engine_dir import gpu_identity
 
     export_onnx(tiny_model_dir, tmp_path / "onnx")
     engines = build_engines(tmp_path / "onnx", tmp_path / "engines", timing_cache=tmp_path / "cache")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import gradient_background, noise_object
 
 pytestmark = pytest.mark.slow
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_full_size_model_runs_one_step(tmp_path_factory):
     from composekit import Compositor
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     d = make_random_model(tmp_path_factory.mktemp("full") / "full", "full", seed=0)
     comp = Compositor.from_pretrained(d, device="cpu")

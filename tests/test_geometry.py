@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from composekit import geometry
+from composekit.core import geometry
 from composekit.errors import InputError
 
 
@@ -135,7 +135,7 @@ def test_empty_mask_is_an_input_error():
 
 def test_out_of_bounds_box_suggests_only_valid_boxes():
     from composekit import InputError
-    from composekit.geometry import validate_box
+    from composekit.core.geometry import validate_box
 
     with pytest.raises(InputError, match=r"clip it, e.g. \(600, 10, 640, 100\)"):
         validate_box((600, 10, 700, 100), 640, 480)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from composekit import ComposekitError, Compositor, InputError, ModelError
-from composekit.images import load_picture
-from conftest import gradient_background, noise_object
+from composekit.formats.images import load_picture
 
 FAST = dict(steps=1, guidance=1.0, progress=False, seed=0)
 CASE_SECONDS = 20.0  # no generated case may take longer than this (catches hangs on FIFOs, devices, bombs)
@@ -304,7 +304,7 @@ def export_copy(export_dir, tmp_path):
 
 
 def _rehash(root: Path, component: str):
-    from composekit.manifest import sha256_file
+    from composekit.formats.export_manifest import sha256_file
 
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["components"][component]["sha256"] = sha256_file(root / manifest["components"][component]["file"])
@@ -559,10 +559,10 @@ def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, ta
        action=st.sampled_from(["set", "set", "delete", "truncate", "garbage", "empty", "missing"]))
 def test_generated_engine_mutations(export_dir, tmp_path_factory, key, value, target, action, monkeypatch):
     import fake_tensorrt
+    from fake_tensorrt import build_fake_engines
 
     from composekit.backends import tensorrt_backend
     from composekit.backends.arrays import ArrayModule
-    from fake_tensorrt import build_fake_engines
 
     monkeypatch.setattr(tensorrt_backend, "_runtime_environment",
                         lambda device: (fake_tensorrt, ArrayModule("cpu"), ("Fake GPU", "9.0")))

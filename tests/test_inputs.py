@@ -13,13 +13,13 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from composekit import ComposekitError, InputError, NumericalError
-from composekit.images import load_picture, set_max_pixels, to_caller_kind
-from conftest import gradient_background, noise_object
+from composekit.formats.images import load_picture, set_max_pixels, to_caller_kind
 
 ONE = dict(steps=1, guidance=1.0, progress=False, seed=0)
 
@@ -224,7 +224,7 @@ def test_every_call_keeps_the_background_or_raises_a_composekit_error(compositor
     if bg.mode in ("RGB", "RGBA", "L"):
         reference = bg_before  # these modes come back as they went in, pixel for pixel
     else:
-        # Other modes come back converted by the documented rule (composekit.images): the background
+        # Other modes come back converted by the documented rule (composekit.formats.images): the background
         # as composekit reads it, returned unchanged.
         pic = load_picture(bg)
         reference = np.asarray(to_caller_kind(pic.rgb, pic))

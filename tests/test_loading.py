@@ -11,7 +11,7 @@ import pytest
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError, ModelNotFoundError
 from composekit.errors import UnsafeModelFileError
-from composekit.loading import HUB_ALLOW_PATTERNS, read_model_dir
+from composekit.formats.model_source import HUB_ALLOW_PATTERNS, read_model_dir
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_import_does_not_pull_torch():
 
 
 def test_random_models_are_deterministic(tmp_path):
-    from composekit.random_models import make_random_model
+    from composekit.apps.random_models import make_random_model
 
     a = make_random_model(tmp_path / "a", "tiny", seed=3)
     b = make_random_model(tmp_path / "b", "tiny", seed=3)

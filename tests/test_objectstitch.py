@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from composekit import Compositor, ModelError
-from composekit.errors import UnsafeModelFileError
-from composekit.random_models import component_configs, make_random_model
 from conftest import gradient_background, noise_object
 from ldm_layout import unet_to_ldm, vae_to_ldm
+
+from composekit import Compositor, ModelError
+from composekit.apps.random_models import component_configs, make_random_model
+from composekit.errors import UnsafeModelFileError
 
 FAST = dict(steps=3, guidance=3.0, progress=False)
 
@@ -35,7 +35,7 @@ def os_models(tmp_path_factory):
 def test_full_size_shapes():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from composekit.adaptors import ContentAdaptor
+    from composekit.core.adaptors import ContentAdaptor
 
     cfg = component_configs("full")
     torch.manual_seed(0)

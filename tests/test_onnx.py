@@ -11,9 +11,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError
-from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -108,7 +108,7 @@ def test_tampered_or_incomplete_exports_are_refused(exported, tmp_path):
 def test_external_data_outside_the_directory_is_refused_without_reading_it(exported, tmp_path):
     import onnx
 
-    from composekit.manifest import sha256_file
+    from composekit.formats.export_manifest import sha256_file
 
     _, dst = exported["paint_by_example"]
     copy = tmp_path / "evil"

@@ -11,9 +11,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 from composekit import BackendUnavailableError, Compositor, InputError, ModelError
-from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import gradient_background, noise_object
+from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import gradient_background, noise_object
 
 from composekit import Compositor
-from conftest import gradient_background, noise_object
 
 TOLERANCE = {"float16": (1e-2, 8), "bfloat16": (5e-2, 24)}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from composekit.core.preprocess import ClipPreprocessor, flatten_cutout
 from composekit.errors import InputError, ModelError
-from composekit.preprocess import ClipPreprocessor, flatten_cutout
 
 
 def test_cutout_is_tightened_whitened_and_squared():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from composekit.core.scheduler import DDIMScheduler
 from composekit.errors import ModelError
-from composekit.scheduler import DDIMScheduler
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")

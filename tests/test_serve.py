@@ -24,10 +24,10 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 from PIL import Image
 
 from composekit import Compositor
-from conftest import gradient_background, noise_object
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -70,6 +70,7 @@ def serving(*args, env=None):
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
+    proc.log_lines = lines  # what the server wrote to stderr so far
     try:
         if not ready.wait(120):
             raise AssertionError(f"server did not start: {''.join(lines)}")
@@ -118,10 +119,11 @@ def _array(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)))
 
 
-def _load(url, n, clients, expected, tolerance=0, **extra):
-    """n requests from `clients` threads, seeds i % 8; every answer 200 and equal (within tolerance) to direct."""
+def _load(url, n, clients, expected, tolerance=0, seeded=True, **extra):
+    """n requests from `clients` threads, seeds i % 8 (none when not `seeded`: the classic method draws no
+    noise); every answer 200 and equal (within tolerance) to direct."""
     def one(i):
-        return i, paste(url, i % 8, **extra)
+        return i, paste(url, i % 8 if seeded else "", **extra)
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         answers = list(pool.map(one, range(n)))
@@ -154,10 +156,21 @@ def test_load_tiny_model_bit_identical_to_the_python_api(tiny_model_dir):
 
 
 def test_load_classic_method_bit_identical():
-    expected = {s: np.asarray(Compositor().paste(OBJ, BG, tuple(map(int, BOX.split(","))), seed=s).image)
-                for s in range(8)}
-    with serving() as (url, _):
-        _load(url, 64, 8, expected, steps="")
+    expected = {s: np.asarray(Compositor().paste(OBJ, BG, tuple(map(int, BOX.split(",")))).image) for s in range(8)}
+    with serving() as (url, proc):
+        _load(url, 64, 8, expected, seeded=False, steps="")
+        status, _, body = paste(url, 3, steps="")  # a seed means nothing to the classic method: refused, not ignored
+        assert status == 422 and b"seed applies to the generative method only" in body
+        status, _, body = paste(url, "", steps=10)  # so is a model's option, with the Python API's message
+        assert status == 422 and b"steps applies to the generative method only" in body
+        for text in ("1_0", "\u0664\u0660", " 3 "):  # numbers are plain ASCII digits
+            status, _, body = paste(url, "", context=text)
+            assert status == 400 and b"context must be a number" in body, (text, body)
+        deadline = time.monotonic() + 10  # one log line per request (the access log an operator expects)
+        while sum("POST /v1/paste" in line for line in proc.log_lines) < 68 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logged = [line for line in proc.log_lines if "POST /v1/paste" in line]
+        assert len(logged) >= 68 and any(" 200 " in line for line in logged) and any(" 422 " in line for line in logged)
         status, _, body = call(url, "/readyz")
         assert status == 200 and json.loads(body)["method"] == "classic"
         status, _, body = paste(url, 0, method="generative")  # no model on this server
@@ -232,8 +245,12 @@ def test_queue_limit_and_timeout(tiny_model_dir):
         full = next(a for a in answers if a[0] == 503)
         assert full[1].get("retry-after") and json.loads(full[2])["error"]["type"] == "QueueFull"
         assert 504 in codes, codes  # over the 1 s timeout
-        time.sleep(5)  # the running composite finishes; the queued one, timed out, is dropped unrun
-        assert paste(url, 0)[0] == 200
+        # Once the running composite finishes, the queued one (timed out) is dropped unrun and the server
+        # answers again: polled with a deadline, not a fixed sleep (the worker's speed varies with the machine).
+        deadline = time.monotonic() + 120
+        while (status := paste(url, 0)[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert status == 200
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model_dir):

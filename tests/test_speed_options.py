@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 
 from composekit import Compositor, InputError
-from composekit.random_models import make_random_model
-from conftest import gradient_background, noise_object
+from composekit.apps.random_models import make_random_model
+from composekit.core.options import GenerativeOptions
 
 BOX = (20, 10, 100, 80)
 
@@ -82,7 +83,7 @@ def test_step_loop_makes_no_host_device_copies(tiny_model_dir, tmp_path, family,
 
 
 def test_region_decode_decodes_only_the_hole_plus_margin(tiny_model_dir, monkeypatch):
-    from composekit import sampler
+    from composekit.core import sampler
 
     monkeypatch.setattr(sampler, "REGION_MARGIN", 1)  # the tiny model's 8x8 latent: leave cells outside
     comp = Compositor.from_pretrained(tiny_model_dir, device="cpu")
@@ -96,9 +97,9 @@ def test_region_decode_decodes_only_the_hole_plus_margin(tiny_model_dir, monkeyp
     hole = np.zeros((m, m), np.float32)
     hole[16:32, 24:40] = 1  # latent rows 2..3, columns 3..4
     before = window.copy()
-    opts = sampler.SamplerOptions(steps=2, seed=0, progress=False, decode="region")
+    opts = GenerativeOptions(steps=2, progress=False, decode="region")
     pixels = comp.preprocessor(np.asarray(noise_object()))
-    out = sampler.sample(spy, comp.scheduler, window, hole, pixels, opts)
+    out = sampler.sample_batch(spy, comp.scheduler, [sampler.Job(window, hole, pixels, 0)], opts)[0]
     np.testing.assert_array_equal(window, before)  # the caller's window is not written
     assert decoded == [(1, 4, 4, 4)]  # rows 1..4, columns 2..5 (hole +- 1 cell)
     y0, y1, x0, x1 = 1 * f, 5 * f, 2 * f, 6 * f

@@ -15,12 +15,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 from composekit import BackendUnavailableError, Compositor, EngineIncompatibleError, InputError, ModelError
+from composekit.apps.random_models import make_random_model
 from composekit.backends import tensorrt_backend
 from composekit.backends.arrays import ArrayModule
-from composekit.random_models import make_random_model
-from conftest import assert_batch_matches_one_by_one, gradient_background, noise_object, run_in_threads
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -136,7 +136,7 @@ def test_engine_with_the_wrong_tensors_is_refused(tiny_model_dir, fake_trt, tmp_
     swap = {"vae_decoder": "vae_encoder.onnx"}
     build_fake_engines(tmp_path / "onnx", tmp_path / "engines",
                        lambda name, path, spec: (path.parent / swap.get(name, path.name)).read_bytes())
-    with pytest.raises(ModelError, match=r"vae_decoder.* are not the vae_decoder spec's inputs \['latent'\]"):
+    with pytest.raises(ModelError, match=r"vae_decoder.* are not the vae_decoder spec's \['latent'\]"):
         Compositor.from_pretrained(tmp_path / "engines", backend="tensorrt")
 
 

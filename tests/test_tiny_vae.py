@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import gradient_background, noise_object
 
 from composekit import Compositor, InputError, ModelError, ModelNotFoundError
-from composekit.random_models import make_random_tiny_vae
-from conftest import gradient_background, noise_object
+from composekit.apps.random_models import make_random_tiny_vae
 
 BOX = (20, 10, 100, 80)
 

@@ -3,9 +3,9 @@
 A row names the backend's module (imported only when it is used, so its heavy dependency is too),
 the pip extra that provides that dependency, and the marker file of the directories it opens:
 
-- ``engines.json``: a TensorRT engine directory (:func:`composekit.engines.read_engine_dir`);
-- ``manifest.json``: an ONNX export (:func:`composekit.manifest.read_manifest`);
-- ``model_index.json``: a diffusers-layout model directory (:func:`composekit.loading.read_model_dir`).
+- ``engines.json``: a TensorRT engine directory (:func:`composekit.formats.engine_dir.read_engine_dir`);
+- ``manifest.json``: an ONNX export (:func:`composekit.formats.export_manifest.read_manifest`);
+- ``model_index.json``: a diffusers-layout model directory (:func:`composekit.formats.model_source.read_model_dir`).
 
 :func:`open_backend` reads the directory once with its marker's reader and hands what it read to the
 backend module's ``load``; the backend returns itself with a :class:`~composekit.backends.base.ModelCard`
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..devices import KINDS, parse_device
-from ..engines import ENGINES, read_engine_dir
-from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from ..loading import read_model_dir
-from ..manifest import MANIFEST, read_manifest
-from .base import Backend, ModelCard, ModelInfo
+from composekit.backends.base import Backend, ModelCard, ModelInfo
+from composekit.core.devices import KINDS, parse_device
+from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
+from composekit.formats.engine_dir import ENGINES, read_engine_dir
+from composekit.formats.export_manifest import MANIFEST, read_manifest
+from composekit.formats.model_source import read_model_dir
 
 __all__ = ["Backend", "ModelCard", "ModelInfo", "BACKENDS", "BackendRow", "open_backend", "choose_backend",
            "directory_marker"]
@@ -88,7 +88,7 @@ def _wrong_directory(name: str, root: Path) -> ModelError:
 
 def _export_runtime(device: Any, optimized: str | None) -> tuple[str, str]:
     """(backend, why) for an ONNX export under ``backend="auto"``."""
-    kind = None if device is None else parse_device(device, backend="auto", allowed=tuple(KINDS)).kind
+    kind = None if device is None else parse_device(device, backend="auto", allowed=tuple(KINDS)).kind  # a Device
     if optimized:
         return "onnxruntime", f"the export's U-Net was fused for onnxruntime (--optimize {optimized})"
     if kind == "cuda":

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..devices import parse_device
-from ..errors import BackendUnavailableError, install_hint
+from composekit.core.devices import parse_device
+from composekit.errors import BackendUnavailableError, install_hint
 
 __all__ = ["ArrayModule"]
 
@@ -28,7 +28,7 @@ __all__ = ["ArrayModule"]
 class ArrayModule:
     """Arrays of one device: ``"cpu"`` (numpy) or ``"cuda"`` / ``"cuda:N"`` (CuPy)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: Any = "cpu") -> None:
         parsed = parse_device(device, backend="buffers of the exported-model runtimes", allowed=("cpu", "cuda"))
         kind = parsed.kind
         self.device_type = kind

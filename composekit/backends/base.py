@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ComposekitError, ModelError
+from composekit.errors import BackendUnavailableError, ComposekitError, ModelError
 
 __all__ = ["Backend", "ModelCard", "ModelInfo", "model_call"]
 
@@ -61,6 +61,11 @@ class ModelInfo:
     any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
     max_batch: int | None = None  # most composites per batch (exports: fixed at export; None = no limit)
 
+    def latent_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        """The shape of the model's latents: ``(batch, latent channels, side / f, side / f)``."""
+        side = self.model_size // self.vae_scale_factor
+        return (batch, self.latent_channels, side, side)
+
     @classmethod
     def from_manifest(cls, manifest: Any, source: str) -> "ModelInfo":
         """From an export's manifest (exported decoders have a fixed size; batches are bounded)."""
@@ -107,16 +112,16 @@ class Backend(Protocol):
         """Concatenate backend arrays along ``axis``."""
 
     def encode_object(self, pixels: np.ndarray) -> tuple[Any, Any]:
-        """CLIP pixels ``(1, 3, C, C)`` -> (object context ``(1, T, D)``, unconditional context ``(1, T, D)``)."""
+        """CLIP pixels ``(B, 3, C, C)`` -> (object contexts ``(B, T, D)``, unconditional contexts ``(B, T, D)``)."""
 
     def encode_image(self, image: Any) -> Any:
-        """Image ``(1, 3, M, M)`` in ``[-1, 1]`` -> scaled latent ``(1, 4, M/f, M/f)`` (posterior mean)."""
+        """Images ``(B, 3, M, M)`` in ``[-1, 1]`` -> scaled latents ``(B, 4, M/f, M/f)`` (posterior mean)."""
 
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         """Noise prediction for ``sample`` ``(B, C_in, h, w)`` at ``timestep`` with ``context`` ``(B, T, D)``."""
 
     def decode(self, latents: Any) -> Any:
-        """Scaled latent ``(1, 4, h, w)`` -> image ``(1, 3, M, M)`` in ``[-1, 1]`` (not clipped)."""
+        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, f h, f w)`` in ``[-1, 1]`` (not clipped)."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest stage timings)."""

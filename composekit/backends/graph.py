@@ -14,11 +14,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..configs import inside
-from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from .arrays import ArrayModule
-from ..specs import COMPONENT_NAMES
-from .base import ModelCard, ModelInfo, model_call
+from composekit.backends.arrays import ArrayModule
+from composekit.backends.base import ModelCard, ModelInfo, model_call
+from composekit.core.specs import COMPONENT_NAMES
+from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
+from composekit.formats.safe_json import inside
 
 __all__ = ["GraphBackend", "check_external_data", "check_graph_io", "check_export_dtype", "graph_components"]
 
@@ -55,21 +55,28 @@ class GraphBackend:
         raise NotImplementedError
 
     def _open_export(self, manifest: Any, components: tuple[str, ...], read: Callable[[Path], Any],
-                     io: Callable[[Any], tuple[list, list]], runtime: str) -> dict[str, Any]:
+                     io: Callable[[Any], tuple[list, list]], runtime: str,
+                     path_of: Callable[[str], Path] | None = None, source: Path | None = None) -> dict[str, Any]:
         """Set what the export's manifest says (specs, precision, card) and read each component's graph with
         ``read``, after its external data is checked and before its inputs and outputs are checked (``io``:
-        the graph's (inputs, outputs) as :func:`check_graph_io` takes them). Returns the graphs by name."""
+        the graph's (inputs, outputs) as :func:`check_graph_io` takes them). Returns the graphs by name.
+
+        ``path_of(component)`` is where a component's file is (default: the export's ONNX graph; TensorRT
+        passes its engines', checked against their sidecars first); ``source`` the directory loaded."""
         self.manifest, self.specs = manifest, manifest.specs()
         self.float = np.float16 if manifest.precision == "fp16" else np.float32
-        self.card = ModelCard.from_manifest(manifest, str(manifest.root))
+        self.card = ModelCard.from_manifest(manifest, str(source or manifest.root))
         self.info = self.card.info
         self.decoder = components[-1]
         graphs = {}
         for name in components:
-            path = manifest.path(name)
-            check_external_data(path, manifest.root)
+            path = (path_of or manifest.path)(name)
+            if path.suffix == ".onnx":
+                check_external_data(path, manifest.root)
             try:
                 graphs[name] = read(path)
+            except ComposekitError:
+                raise
             except Exception as exc:  # each runtime raises its own exception types
                 raise ModelError(f"{runtime} could not load {path}: {exc}") from exc
             check_graph_io(*io(graphs[name]), self.specs[name], manifest.precision, path)

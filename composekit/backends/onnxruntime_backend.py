@@ -7,7 +7,7 @@ Two ways to call a graph:
 
 - plain ``session.run`` with numpy arrays on the host (the default on the CPU);
 - IO binding (``io_binding=True``, the default with a CUDA provider): inputs and outputs are bound
-  to preallocated buffers by address (their shapes come from :mod:`composekit.specs`), so on CUDA
+  to preallocated buffers by address (their shapes come from :mod:`composekit.core.specs`), so on CUDA
   the latents stay in GPU memory (CuPy arrays) for the whole loop. The same binding code runs on the
   host with numpy buffers, which is how the project tests it.
 
@@ -29,12 +29,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..devices import parse_device
-from ..errors import BackendUnavailableError, InputError, install_hint
-from ..manifest import ExportManifest
-from ..specs import COMPONENT_NAMES
-from .arrays import ArrayModule
-from .graph import GraphBackend, check_export_dtype, graph_components
+from composekit.backends.arrays import ArrayModule
+from composekit.backends.graph import GraphBackend, check_export_dtype, graph_components
+from composekit.core.devices import Device, parse_device
+from composekit.core.options import THREADS, check_bool, check_integer
+from composekit.core.specs import COMPONENT_NAMES
+from composekit.errors import BackendUnavailableError, InputError, install_hint
+from composekit.formats.export_manifest import ExportManifest
 
 __all__ = ["OnnxRuntimeBackend", "load"]
 
@@ -124,8 +125,9 @@ class OnnxRuntimeBackend(GraphBackend):
 
 def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, providers: Sequence[Any] | None = None,
          intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-         graph_optimization: str = "all", io_binding: bool | None = None, vae: str | None = None) -> OnnxRuntimeBackend:
-    """Open an export (read by :func:`composekit.manifest.read_manifest`). ``dtype`` must be None or the export's precision (it is fixed at export).
+         graph_optimization: str = "all", io_binding: bool | None = None, vae: str | None = None,
+         local_files_only: bool = False) -> OnnxRuntimeBackend:
+    """Open an export (read by :func:`composekit.formats.export_manifest.read_manifest`). ``dtype`` must be None or the export's precision (it is fixed at export).
 
     ``io_binding``: None = on with a CUDA provider (latents stay on the GPU, needs CuPy), off on the
     CPU; True on the CPU binds host buffers (same results as plain runs). ``vae="tiny"``: decode with
@@ -146,19 +148,16 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prov
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[graph_optimization])
     for attr, value in (("intra_op_num_threads", intra_op_threads), ("inter_op_num_threads", inter_op_threads)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{attr.replace('_num', '')} must be a non-negative integer, got {value!r}")
+        if check_integer(attr.replace("_num", ""), value, 0, THREADS.hi, nullable=True) is not None:
             setattr(options, attr, value)
     chosen = _providers(ort, device, providers)
     first = chosen[0][0] if isinstance(chosen[0], (tuple, list)) else chosen[0]
     on_gpu = first in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
     if io_binding is None:
         io_binding = on_gpu
-    if not isinstance(io_binding, bool):
-        raise InputError(f"io_binding must be True, False or None, got {io_binding!r}")
+    io_binding = check_bool("io_binding", io_binding)
     arrays = None  # host buffers
     if io_binding and on_gpu:
         index = chosen[0][1].get("device_id", 0) if isinstance(chosen[0], (tuple, list)) and len(chosen[0]) > 1 else 0
-        arrays = ArrayModule(f"cuda:{index}")
+        arrays = ArrayModule(Device("cuda", index))
     return OnnxRuntimeBackend(manifest, chosen, options, arrays, io_binding, components)

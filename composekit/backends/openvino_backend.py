@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import parse_device
-from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from ..manifest import ExportManifest
-from ..specs import COMPONENT_NAMES
-from .arrays import ArrayModule
-from .graph import GraphBackend, check_export_dtype, graph_components
+from composekit.backends.arrays import ArrayModule
+from composekit.backends.graph import GraphBackend, check_export_dtype, graph_components
+from composekit.core.devices import parse_device
+from composekit.core.options import THREADS
+from composekit.core.specs import COMPONENT_NAMES
+from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
+from composekit.formats.export_manifest import ExportManifest
 
 __all__ = ["OpenVINOBackend", "load", "default_cache_dir"]
 
@@ -138,8 +139,8 @@ def _device(core: Any, device: Any) -> str:
 
 def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, precision: str | None = None,
          threads: int | None = None, cache_dir: str | os.PathLike | bool | None = None,
-         vae: str | None = None) -> OpenVINOBackend:
-    """Open an export (read by :func:`composekit.manifest.read_manifest`) with OpenVINO.
+         vae: str | None = None, local_files_only: bool = False) -> OpenVINOBackend:
+    """Open an export (read by :func:`composekit.formats.export_manifest.read_manifest`) with OpenVINO.
 
     ``precision``: ``"f32"``, ``"bf16"`` or ``"f16"`` (inference precision; None = bf16 where the device
     supports it, else f32). ``dtype`` must be None or the export's precision (fixed at export).
@@ -172,9 +173,7 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prec
         raise BackendUnavailableError(f"precision {precision!r} is not supported by OpenVINO's {name} here "
                                       f"(it reports {sorted(capabilities)}); use precision='f32'")
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024:
-            raise InputError(f"threads must be an integer in 1..1024, got {threads!r}")
+    if THREADS.check(threads) is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     if cache_dir is not False:
         if cache_dir is True:

@@ -11,7 +11,7 @@ TensorRT that executes the ONNX graphs with ONNX Runtime on host buffers
 How a call runs:
 
 1. Loading checks every engine's sidecar against this TensorRT and GPU
-   (:func:`composekit.engines.check_engine`: sha256, TensorRT version, compute capability) and
+   (:func:`composekit.formats.engine_dir.check_engine`: sha256, TensorRT version, compute capability) and
    refuses a stale engine with "rebuild with ...", then checks that each engine's tensors are the
    ones the spec names.
 2. Each thread gets its own execution context per engine (contexts are not thread-safe), created
@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from ..engines import REBUILD_HINT, EngineDir, check_engine, gpu_identity, read_engine_dir
-from ..devices import parse_device
-from ..errors import BackendUnavailableError, InputError, ModelError, install_hint
-from ..specs import COMPONENT_NAMES
-from .arrays import ArrayModule
-from .base import ModelCard
-from .graph import GraphBackend
+from composekit.backends.arrays import ArrayModule
+from composekit.backends.graph import GraphBackend
+from composekit.core.devices import Device, parse_device
+from composekit.core.options import check_bool
+from composekit.core.specs import COMPONENT_NAMES
+from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
+from composekit.formats.engine_dir import REBUILD_HINT, EngineDir, check_engine, gpu_identity, read_engine_dir
 
 __all__ = ["TensorRTBackend", "load"]
 
@@ -63,37 +63,36 @@ class TensorRTBackend(GraphBackend):
         if cuda_graph and not arrays.on_gpu:
             raise InputError("cuda_graph=True needs a CUDA device")
         engine_dir = root if isinstance(root, EngineDir) else read_engine_dir(root)
-        root = engine_dir.root
-        manifest = engine_dir.manifest
         self.trt, self.arrays, self.cuda_graph = trt, arrays, cuda_graph
-        self.precision = manifest.precision
-        self.specs = manifest.specs()
+        self.precision = engine_dir.manifest.precision
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines: dict[str, Any] = {}
-        self.dtypes: dict[str, dict[str, np.dtype]] = {}
-        for name in COMPONENT_NAMES:
-            # 1. Sidecar and compatibility checks before the bytes reach TensorRT.
-            path = engine_dir.path(name)
+
+        def read(path: Path) -> Any:
+            # Sidecar and compatibility checks before the bytes reach TensorRT.
             sidecar = check_engine(path, tensorrt_version=str(trt.__version__), gpu_name=gpu[0],
                                    compute_capability=gpu[1], verify_hash=verify_engines)
+            name = next(n for n in COMPONENT_NAMES if engine_dir.path(n) == path)
             if sidecar.component != name:
                 raise ModelError(f"{path}: its sidecar describes component {sidecar.component!r}, not {name!r}")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise ModelError(f"TensorRT could not deserialize {path}; {REBUILD_HINT}")
-            spec = self.specs[name]
+            return engine
+
+        def io(engine: Any) -> tuple[list, list]:
+            """(name, dtype, shape) of the engine's inputs and outputs; -1 (dynamic) sizes as None."""
             tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            rows = {t: (t, np.dtype(trt.nptype(engine.get_tensor_dtype(t))).name,
+                        [None if int(d) < 0 else int(d) for d in engine.get_tensor_shape(t)]) for t in tensors}
             inputs = [t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT]
-            if sorted(inputs) != sorted(spec.input_names) or sorted(set(tensors) - set(inputs)) != sorted(
-                    spec.output_names):
-                raise ModelError(
-                    f"{path}: engine tensors {tensors} are not the {name} spec's inputs {spec.input_names} and "
-                    f"outputs {spec.output_names}; {REBUILD_HINT}"
-                )
-            self.engines[name] = engine
-            self.dtypes[name] = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
-        self.card = ModelCard.from_manifest(manifest, str(root))
-        self.info = self.card.info
+            return [rows[t] for t in inputs], [rows[t] for t in tensors if t not in inputs]
+
+        self.engines: dict[str, Any] = self._open_export(engine_dir.manifest, COMPONENT_NAMES, read, io, "TensorRT",
+                                                         path_of=engine_dir.path, source=engine_dir.root)
+        self.dtypes: dict[str, dict[str, np.dtype]] = {
+            name: {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t)))
+                   for t in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
+            for name, engine in self.engines.items()}
         self._local = threading.local()
         self._lock = threading.Lock()
         self.contexts_created = 0
@@ -176,19 +175,23 @@ def _runtime_environment(device: Any) -> tuple[Any, ArrayModule, tuple[str, str]
             "cuda13 extra) "
             "(and an NVIDIA GPU); exported ONNX models also run with backend='onnxruntime'"
         ) from exc
-    arrays = ArrayModule(f"cuda:{parsed.index or 0}")
+    arrays = ArrayModule(Device("cuda", parsed.index or 0))
     return trt, arrays, gpu_identity(arrays.device_id)
 
 
 def load(content: EngineDir, *, device: Any = None, dtype: Any = None, cuda_graph: bool = False,
-         verify_engines: bool = True) -> TensorRTBackend:
-    """Open an engine directory (read by :func:`composekit.engines.read_engine_dir`). The precision was fixed
-    when the engines were built."""
+         verify_engines: bool = True, vae: str | None = None, local_files_only: bool = False) -> TensorRTBackend:
+    """Open an engine directory (read by :func:`composekit.formats.engine_dir.read_engine_dir`). The precision was fixed
+    when the engines were built, and so was the decoder: ``vae`` must be None (the builder makes no tiny
+    decoder engine yet; the exported model runs the tiny decoder with backend='onnxruntime' or 'openvino')."""
+    if vae is not None:
+        raise InputError(f"vae={vae!r}: TensorRT engines decode with the VAE decoder engine they were built with, and "
+                         "the builder makes no tiny decoder engine yet; pass vae=None, or run the export (made with "
+                         "--tiny-vae) with backend='onnxruntime' or 'openvino' and vae='tiny'")
     if dtype is not None:
         raise InputError(f"dtype={dtype!r}: a TensorRT engine's precision is fixed when it is built, "
                          "from the ONNX export's precision (`composekit-export onnx --fp16` for float16); pass dtype=None")
-    if not isinstance(cuda_graph, bool):
-        raise InputError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
     trt, arrays, gpu = _runtime_environment(device)
     return TensorRTBackend(content, trt=trt, arrays=arrays, gpu=gpu, verify_engines=verify_engines,
                            cuda_graph=cuda_graph)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..devices import parse_device
-from ..errors import BackendUnavailableError, InputError, ModelError
-from ..loading import ModelFiles
-from .base import ModelCard, ModelInfo, model_call
+from composekit.backends.base import ModelCard, ModelInfo, model_call
+from composekit.core.devices import parse_device
+from composekit.core.options import check_bool, check_choice
+from composekit.errors import BackendUnavailableError, InputError, ModelError
+from composekit.formats.model_source import TINY_VAE_ALLOW_PATTERNS, ModelFiles, resolve_source
 
 __all__ = ["TorchBackend", "load"]
 
@@ -235,7 +237,7 @@ class TorchBackend:
         if files.family == "objectstitch":
             from transformers import CLIPVisionModel
 
-            from ..adaptors import ContentAdaptor
+            from composekit.core.adaptors import ContentAdaptor
 
             loaders.update(image_encoder=CLIPVisionModel, adaptor=ContentAdaptor)
         else:
@@ -339,8 +341,8 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     """A diffusers ``AutoencoderTiny`` directory (TAESD's layout), checked like every component."""
     from diffusers import AutoencoderTiny
 
-    from ..configs import read_json
-    from ..loading import check_safetensors
+    from composekit.formats.model_source import check_safetensors
+    from composekit.formats.safe_json import read_json
 
     fix = "pass the folder (or Hub id) of a diffusers AutoencoderTiny such as madebyollin/taesd"
     config = read_json(path / "config.json", fix=fix, missing=f"{path} has no config.json; {fix}")
@@ -365,8 +367,9 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
 
 
 def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
-         compile: bool | str = False, vae: Path | None = None) -> TorchBackend:
-    """Open a model directory (read by :func:`composekit.loading.read_model_dir`) onto ``device`` in ``dtype``.
+         compile: bool | str = False, vae: str | os.PathLike | None = None,
+         local_files_only: bool = False) -> TorchBackend:
+    """Open a model directory (read by :func:`composekit.formats.model_source.read_model_dir`) onto ``device`` in ``dtype``.
 
     ``channels_last``: NHWC memory layout for the U-Net and VAE (None = on for CUDA, off on the CPU).
     ``compile``: ``torch.compile`` the U-Net (True, or a mode such as ``"reduce-overhead"``, which
@@ -380,13 +383,14 @@ def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels
         logger.warning("float16 on CPU is slow and imprecise; float32 is recommended there")
     if channels_last is None:
         channels_last = dev.type == "cuda"
-    if not isinstance(channels_last, bool):
-        raise InputError(f"channels_last must be True, False or None, got {channels_last!r}")
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if not isinstance(compile, bool) and compile not in modes:
-        raise InputError(f"compile must be True, False or one of {modes}, got {compile!r}")
-    if vae is not None and (not isinstance(vae, Path) or not vae.is_dir()):
-        raise InputError(f"vae={vae!r}: pass the folder or Hub id of a diffusers AutoencoderTiny (e.g. madebyollin/taesd)")
+    channels_last = check_bool("channels_last", channels_last)
+    if not isinstance(compile, bool):
+        check_choice("compile", compile, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    if vae is not None:  # a folder or Hub id of a diffusers AutoencoderTiny, found (or downloaded) like a model
+        if not isinstance(vae, (str, os.PathLike)):
+            raise InputError(f"vae={vae!r}: pass the folder or Hub id of a diffusers AutoencoderTiny (e.g. "
+                             "madebyollin/taesd)")
+        vae = resolve_source(vae, local_files_only=local_files_only, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
     with _LOAD_LOCK:
         backend = TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
         if vae is not None:

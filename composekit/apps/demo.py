@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import InputError
+from composekit.errors import InputError
 
 __all__ = ["demo_images", "run_demo", "DEMO_BOX"]
 
@@ -60,8 +60,8 @@ def demo_images() -> tuple[Image.Image, Image.Image, str]:
 
 def run_demo(out_dir: str | Path, *, generative: bool = False, steps: int = 20, seed: int = 0) -> dict[str, Path]:
     """Write ``background.png``, ``object.png``, ``classic.png`` (and ``generative.png``) to ``out_dir``."""
-    from .compositor import Compositor
-    from .files import save_image_atomic
+    from composekit.compositor import Compositor
+    from composekit.formats.atomic import save_image_atomic
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -74,9 +74,9 @@ def run_demo(out_dir: str | Path, *, generative: bool = False, steps: int = 20, 
     paths = {"background": out / "background.png", "object": out / "object.png", "classic": out / "classic.png"}
     save_image_atomic(background, paths["background"])
     save_image_atomic(obj, paths["object"])
-    save_image_atomic(Compositor().paste(obj, background, DEMO_BOX, seed=seed).image, paths["classic"])
+    save_image_atomic(Compositor().paste(obj, background, DEMO_BOX).image, paths["classic"])
     if generative:
-        from .random_models import make_random_model
+        from composekit.apps.random_models import make_random_model
 
         model = out / "tiny-model"
         if not (model / "model_index.json").exists():

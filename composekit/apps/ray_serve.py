@@ -1,6 +1,6 @@
 """``composekit serve --ray``: the same HTTP app as a Ray Serve deployment (replicas, autoscaling, GPUs).
 
-Each replica loads the model once and serves :func:`composekit.serve.create_app`'s endpoints; the
+Each replica loads the model once and serves :func:`composekit.apps.serve.create_app`'s endpoints; the
 composites go through a ``@serve.batch`` method, so concurrent requests with the same options share a
 :meth:`Compositor.paste_batch` call (one request alone is one :meth:`Compositor.paste`, the Python
 API's bytes). Ray Serve's proxy spreads requests over the replicas and, with autoscaling, adds and
@@ -12,7 +12,7 @@ From the command line (a local cluster on 127.0.0.1, or ``--address`` to join on
 
 or with Ray's own tools, through the application builder :func:`app`::
 
-    serve run composekit.ray_serve:app model=./my-model max_batch=4
+    serve run composekit.apps.ray_serve:app model=./my-model max_batch=4
 
 Needs the ``serve`` and ``ray`` extras (``ray[serve]``).
 """
@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from .errors import BackendUnavailableError, InputError, install_hint
+from composekit.core.options import THREADS, Declared, option
+from composekit.errors import BackendUnavailableError, InputError, install_hint
 
 __all__ = ["app", "deployment", "RaySettings"]
 
@@ -33,40 +35,39 @@ logger = logging.getLogger(__name__)
 APP_NAME = "composekit"
 
 
-class RaySettings:
-    """Replicas and resources of the deployment, validated when made."""
+@dataclass(frozen=True)
+class RaySettings(Declared):
+    """Replicas and resources of the deployment, validated when made (the CLI's --ray flags are these fields).
 
-    def __init__(self, replicas: int | None = 1, min_replicas: int | None = None, max_replicas: int | None = None,
-                 gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
-                 target_ongoing_requests: float = 2.0, threads: int | None = None) -> None:
-        autoscale = min_replicas is not None or max_replicas is not None
-        if autoscale:
-            lo = 1 if min_replicas is None else min_replicas
-            hi = max(lo, 1) if max_replicas is None else max_replicas
-            for flag, value in (("--min-replicas", lo), ("--max-replicas", hi)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise InputError(f"{flag} must be an integer >= 0, got {value!r}")
-            if hi < max(lo, 1):
-                raise InputError(f"--max-replicas ({hi}) must be >= --min-replicas ({lo}) and >= 1")
-            self.autoscaling: dict[str, Any] | None = {"min_replicas": lo, "max_replicas": hi,
-                                                       "target_ongoing_requests": float(target_ongoing_requests)}
-            self.replicas = None
-        else:
-            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-                raise InputError(f"--replicas must be an integer >= 1, got {replicas!r}")
-            self.autoscaling, self.replicas = None, replicas
-        for flag, value in (("--gpus-per-replica", gpus_per_replica), ("--cpus-per-replica", cpus_per_replica),
-                            ("target_ongoing_requests", target_ongoing_requests)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"{flag} must be a number >= 0, got {value!r}")
-        self.gpus, self.cpus = float(gpus_per_replica), float(cpus_per_replica)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
-            raise InputError(f"--threads must be in 1..1024, got {threads!r}")
-        self.threads = threads
+    ``min_replicas`` or ``max_replicas`` turn on autoscaling (by requests in flight per replica)."""
+
+    replicas: int = option(1, "with --ray: replicas, each holding the model", lo=1, hi=10_000)
+    min_replicas: int | None = option(None, "with --ray: autoscale from this many replicas", lo=0, hi=10_000)
+    max_replicas: int | None = option(None, "with --ray: autoscale up to this many replicas", lo=1, hi=10_000)
+    gpus_per_replica: float = option(0.0, "with --ray: GPUs per replica", lo=0, hi=1024)
+    cpus_per_replica: float = option(1.0, "with --ray: CPUs per replica (Ray sets its threads to this unless "
+                                     "--threads)", lo=0, hi=1024)
+    target_ongoing_requests: float = option(2.0, "with --ray autoscaling: requests in flight per replica to aim "
+                                            "for", lo=0.01, hi=10_000, cli=False)
+    threads: int | None = option(None, THREADS.help, lo=THREADS.lo, hi=THREADS.hi, cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.autoscaling is not None and self.autoscaling["max_replicas"] < max(self.autoscaling["min_replicas"], 1):
+            raise InputError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas}) and >= 1")
+
+    @property
+    def autoscaling(self) -> dict[str, Any] | None:
+        """Ray Serve's autoscaling config, or None for a fixed number of replicas."""
+        if self.min_replicas is None and self.max_replicas is None:
+            return None
+        lo = 1 if self.min_replicas is None else self.min_replicas
+        hi = max(lo, 1) if self.max_replicas is None else self.max_replicas
+        return {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": self.target_ongoing_requests}
 
     def options(self, queue_size: int) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
-        actor: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        actor: dict[str, Any] = {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica}
         if self.threads is not None:  # torch and OpenMP read it when the replica imports them
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.threads)}}
         out: dict[str, Any] = {"ray_actor_options": actor, "max_queued_requests": queue_size}
@@ -89,12 +90,12 @@ def deployment(model: str | None, load: dict[str, Any] | None = None, settings: 
                ray_settings: RaySettings | None = None) -> Any:
     """The bound Ray Serve application: one ingress deployment whose replicas each hold the model.
 
-    ``settings`` is a :class:`composekit.serve.ServeSettings` (its ``max_batch`` and ``max_wait_ms``
+    ``settings`` is a :class:`composekit.apps.serve.ServeSettings` (its ``max_batch`` and ``max_wait_ms``
     become ``@serve.batch``'s size and wait); ``load`` goes to ``from_pretrained``; ``ray_settings``
     sets replicas/autoscaling and resources (default: what a Serve config file says, else one replica).
     """
     serve = _ray_serve()
-    from .serve import ServeSettings
+    from composekit.apps.serve import ServeSettings
 
     settings = settings or ServeSettings()
 
@@ -104,8 +105,8 @@ def deployment(model: str | None, load: dict[str, Any] | None = None, settings: 
         """One replica: the model, the FastAPI app in front of it, and a batching queue."""
 
         def __init__(self, model: str | None, load: dict[str, Any], settings: ServeSettings) -> None:
-            from . import Compositor
-            from .serve import create_app
+            from composekit import Compositor
+            from composekit.apps.serve import create_app
 
             self.compositor = Compositor.from_pretrained(model, **load) if model else Compositor()
             self.settings = settings
@@ -130,7 +131,7 @@ def deployment(model: str | None, load: dict[str, Any] | None = None, settings: 
         async def composite_batch(self, jobs: list[Any]) -> list[Any]:
             """Jobs that arrived together: grouped by options (and the classic method one by one), each group
             one ``paste``/``paste_batch`` call in a worker thread so the event loop keeps answering."""
-            from .serve import batchable, run_jobs
+            from composekit.apps.serve import batchable, run_jobs
 
             groups: dict[Any, list[int]] = {}
             for i, job in enumerate(jobs):
@@ -148,34 +149,23 @@ def deployment(model: str | None, load: dict[str, Any] | None = None, settings: 
 
 
 def app(args: dict[str, str]) -> Any:
-    """Application builder for ``serve run composekit.ray_serve:app key=value ...`` (and Serve config files).
+    """Application builder for ``serve run composekit.apps.ray_serve:app key=value ...`` (and Serve config files).
 
     Keys: ``model`` (omit for the classic method), ``backend``, ``device``, ``dtype``, ``max_batch``,
-    ``max_wait_ms``, ``max_upload_mb``, ``queue_size``, ``timeout_s``, ``api_key``, ``offline``.
+    ``max_wait_ms``, ``max_upload_mb``, ``queue_size``, ``timeout_s``, ``api_key``, ``offline``, ``vae``.
     Replicas, autoscaling, GPUs and thread settings (``runtime_env``) come from the config file's
     ``deployments`` section (deployment name ``Composekit``).
     """
-    import dataclasses
+    from composekit.apps.serve import ServeSettings
 
-    from .serve import ServeSettings
-
-    # The numeric settings are ServeSettings' own fields (their defaults say int or float).
-    numbers = {f.name: type(f.default) for f in dataclasses.fields(ServeSettings)
-               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
-    known = {"model", "backend", "device", "dtype", "api_key", "offline", *numbers}
+    specs = {name: spec for name, spec in ServeSettings.specs().items() if name != "api_key"}
+    known = {"model", "backend", "device", "dtype", "vae", "api_key", "offline", *specs}
     unknown = sorted(set(args) - known)
     if unknown:
         raise InputError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {}
-    for name, kind in numbers.items():
-        if name in args:
-            try:
-                values[name] = kind(args[name])
-            except (TypeError, ValueError):
-                raise InputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got "
-                                 f"{args[name]!r}") from None
+    values = {name: spec.parse(args[name]) for name, spec in specs.items() if name in args}
     settings = ServeSettings(**values, api_key=args.get("api_key") or os.environ.get("COMPOSEKIT_API_KEY") or None)
-    load = {k: args[k] for k in ("backend", "device", "dtype") if k in args}
+    load = {k: args[k] for k in ("backend", "device", "dtype", "vae") if k in args}
     if str(args.get("offline", "")).lower() in ("1", "true", "yes"):
         load["local_files_only"] = True
     return deployment(args.get("model"), load, settings)
@@ -188,7 +178,7 @@ def run(model: str | None, load: dict[str, Any], settings: Any, ray_settings: Ra
     import threading
 
     serve = _ray_serve()
-    from .distributed import _start_ray
+    from composekit.apps.ray_batch import _start_ray
 
     ray = _start_ray(address)
     started_serve = deployed = False

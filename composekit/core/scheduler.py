@@ -20,7 +20,8 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-from .errors import ModelError
+from composekit.core.options import check_integer, check_number
+from composekit.errors import InputError, ModelError
 
 __all__ = ["Scheduler", "DDIMScheduler", "StepCoefficients"]
 
@@ -32,7 +33,7 @@ class Scheduler(Protocol):
     """What the sampling loop needs from a scheduler: its timesteps and one update.
 
     A second scheduler (DPM-Solver, Euler, ...) implements these four methods and the loop in
-    :mod:`composekit.sampler` runs it unchanged.
+    :mod:`composekit.core.sampler` runs it unchanged.
     """
 
     def max_steps(self) -> int:
@@ -104,19 +105,15 @@ class DDIMScheduler:
 
     def __post_init__(self) -> None:
         fix = "Fix scheduler/scheduler_config.json."
-        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
-                or not 2 <= self.num_train_timesteps <= 100_000:
-            raise ModelError(f"scheduler num_train_timesteps={self.num_train_timesteps!r} must be an integer in "
-                             f"2..100000. {fix}")
-        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) \
-                or not 0 <= self.steps_offset < self.num_train_timesteps // 2:
-            raise ModelError(f"scheduler steps_offset={self.steps_offset!r} must be an integer in "
-                             f"0..{self.num_train_timesteps // 2 - 1}. {fix}")
-        for key in ("beta_start", "beta_end", "clip_sample_range"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3 \
-                    or (key != "clip_sample_range" and not value < 1):
-                raise ModelError(f"scheduler {key}={value!r} must be a number in (0, 1). {fix}")
+        try:  # the config file's values: a bad one is the model's problem (ModelError), not the caller's
+            check_integer("num_train_timesteps", self.num_train_timesteps, 2, 100_000)
+            check_integer("steps_offset", self.steps_offset, 0, self.num_train_timesteps // 2 - 1)
+            for key in ("beta_start", "beta_end", "clip_sample_range"):
+                value = check_number(key, getattr(self, key), 0.0, 1e3 if key == "clip_sample_range" else 1.0)
+                if value in (0.0, 1.0 if key != "clip_sample_range" else 1e3):
+                    raise InputError(f"{key} must be a number in (0, 1), got {value!r}")
+        except InputError as exc:
+            raise ModelError(f"scheduler {exc}. {fix}") from None
         for key in ("set_alpha_to_one", "clip_sample"):
             if not isinstance(getattr(self, key), bool):
                 raise ModelError(f"scheduler {key}={getattr(self, key)!r} must be true or false. {fix}")
@@ -191,8 +188,7 @@ class DDIMScheduler:
     def timesteps(self, steps: int) -> np.ndarray:
         """The descending integer timesteps for ``steps`` inference steps (diffusers' ``set_timesteps``)."""
         n = self.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= self.max_steps():
-            raise ValueError(f"steps must be an integer in [1, {self.max_steps()}], got {steps!r}")
+        check_integer("steps", steps, 1, self.max_steps())
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
         elif self.timestep_spacing == "leading":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BackendUnavailableError, InputError
+from composekit.errors import BackendUnavailableError, InputError
 
 __all__ = ["Device", "parse_device", "KINDS"]
 
@@ -21,7 +21,7 @@ KINDS = {"cpu": "torch, onnxruntime, openvino", "cuda": "torch, onnxruntime (onn
          "mps": "torch", "gpu": "openvino (Intel GPUs)", "npu": "openvino (Intel NPUs)"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Device:
     """A parsed device: its kind and index (None = the default one of that kind)."""
 
@@ -31,17 +31,27 @@ class Device:
     def __str__(self) -> str:
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
+    def __repr__(self) -> str:  # as the caller wrote it, for messages: 'cuda:1'
+        return repr(str(self))
+
 
 def parse_device(device: Any, *, backend: str, allowed: tuple[str, ...]) -> Device | None:
-    """``device`` (None stays None: the backend picks) checked against the kinds ``backend`` runs on."""
+    """``device`` (None stays None: the backend picks) checked against the kinds ``backend`` runs on.
+
+    A string is parsed once, where the caller's value enters (``Compositor.from_pretrained``); the
+    :class:`Device` it gives is passed on, and each backend only checks its kind here."""
     if device is None:
         return None
-    text = str(device).strip().lower()
-    kind, sep, index = text.replace(".", ":", 1).partition(":")
-    if kind not in KINDS or (sep and not index.isdigit()):
-        raise InputError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps', or OpenVINO's "
-                         "'gpu', 'gpu.N', 'npu'")
-    if kind not in allowed:
+    if isinstance(device, Device):
+        parsed, shown = device, str(device)
+    else:
+        text = str(device).strip().lower()
+        kind, sep, index = text.replace(".", ":", 1).partition(":")
+        if kind not in KINDS or (sep and not index.isdigit()) or len(index) > 6:
+            raise InputError(f"device {str(device)[:40]!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps', or "
+                             "OpenVINO's 'gpu', 'gpu.N', 'npu'")
+        parsed, shown = Device(kind, int(index) if sep else None), str(device)
+    if parsed.kind not in allowed:
         raise BackendUnavailableError(f"the {backend} backend runs on {' and '.join(NAMES[k] for k in allowed)} only; "
-                                      f"got device={device!r}. {kind} devices run with: {KINDS[kind]}")
-    return Device(kind, int(index) if sep else None)
+                                      f"got device={shown!r}. {parsed.kind} devices run with: {KINDS[parsed.kind]}")
+    return parsed

@@ -16,13 +16,14 @@ is positive, so every other pixel of the background is returned bit-identical.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from composekit.errors import InputError
 
 __all__ = [
     "Box",
@@ -44,6 +45,17 @@ Box = tuple[int, int, int, int]
 # exceeds 4x the background's and this (a 4096 x 4096 window), so a thin strip cannot ask for gigabytes.
 MAX_PADDED_WINDOW = 4096 * 4096
 _RESAMPLE = Image.Resampling.LANCZOS
+
+
+def parse_box(text: str) -> Box:
+    """``"x0,y0,x1,y1"`` (the CLI's, the HTTP form's and batch rows' box text) as four ints, or InputError.
+    Range checks against a background are :func:`validate_box`'s."""
+    parts = text.split(",") if isinstance(text, str) and len(text) <= 200 else []
+    if len(parts) != 4 or not all(re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", p) for p in parts):
+        shown = repr(text) if not isinstance(text, str) or len(text) <= 60 else repr(text[:40]) + f"... ({len(text)} chars)"
+        raise InputError(f"box must be four integers 'x0,y0,x1,y1' (x1, y1 exclusive), got {shown}")
+    x0, y0, x1, y1 = (int(p) for p in parts)
+    return x0, y0, x1, y1
 
 
 def validate_box(box, width: int, height: int) -> Box:
@@ -81,13 +93,23 @@ def validate_box(box, width: int, height: int) -> Box:
     if x1 <= x0 or y1 <= y0:
         raise InputError(
             f"box {tuple(out)} is empty or inverted: expected x0 < x1 and y0 < y1 (x1, y1 exclusive)"
+            f"{_xywh_hint(out, width, height)}"
         )
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise InputError(
             f"box {tuple(out)} lies outside the {width}x{height} background: expected 0 <= x0 < x1 <= {width} "
-            f"and 0 <= y0 < y1 <= {height}{_clip_hint(out, width, height)}"
+            f"and 0 <= y0 < y1 <= {height}{_xywh_hint(out, width, height) or _clip_hint(out, width, height)}"
         )
     return x0, y0, x1, y1
+
+
+def _xywh_hint(box: list[int], width: int, height: int) -> str:
+    """A hint when the box reads as (x, y, width, height), a common other convention, and then fits."""
+    x, y, w, h = box
+    if x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height:
+        return (f"; if these are (x, y, width, height), the box is ({x}, {y}, {x + w}, {y + h}): composekit's "
+                "boxes are corners (x0, y0, x1, y1)")
+    return ""
 
 
 def _clip_hint(box: list[int], width: int, height: int) -> str:

@@ -32,6 +32,7 @@ Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, prometheus-client
 import asyncio
 import contextlib
 import hmac
+import inspect
 import io
 import json
 import logging
@@ -42,37 +43,34 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ComposekitError, InputError
+from composekit.core.options import Declared, option
+from composekit.errors import ComposekitError, InputError
 
 __all__ = ["ServeSettings", "create_app", "run"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}  # what responses may be encoded as
-_NUMBERS = {"steps": int, "seed": int, "feather": int, "margin": int, "guidance": float, "guidance_end": float,
-            "eta": float, "context": float, "fidelity": float, "harmonize": float, "shadow": float}
-_TEXT = ("method", "decode", "region")
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """The server's limits and batching, validated when made."""
+class ServeSettings(Declared):
+    """The server's limits and batching, validated when made (the CLI's serve flags are these fields)."""
 
-    max_batch: int = 1  # composites run together; 1 = no micro-batching (responses equal the Python API's)
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
-    max_upload_mb: float = 20.0  # request body limit
-    queue_size: int = 32  # requests waiting beyond this get 503
-    timeout_s: float = 600.0  # per request, queueing included
-    api_key: str | None = None  # when set, every endpoint but /healthz needs "Authorization: Bearer <key>"
+    max_batch: int = option(1, "composite up to N requests together (1: off; responses equal the Python API's)",
+                            lo=1, hi=256)
+    max_wait_ms: float = option(10.0, "how long the first request of a batch waits for company, in ms", lo=0,
+                                hi=60_000)
+    max_upload_mb: float = option(20.0, "request body limit in MB", lo=0.001, hi=4096)
+    queue_size: int = option(32, "requests waiting beyond this get 503", lo=1, hi=100_000)
+    timeout_s: float = option(600.0, "per-request timeout in seconds, queueing included", lo=0.001, hi=86_400,
+                              flag="--timeout")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /healthz "
+                                 "(or set COMPOSEKIT_API_KEY)")
 
     def __post_init__(self) -> None:
-        checks = (("max_batch", 1, 256), ("max_wait_ms", 0, 60_000), ("max_upload_mb", 0.001, 4096),
-                  ("queue_size", 1, 100_000), ("timeout_s", 0.001, 86_400))
-        for name, lo, hi in checks:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise InputError(f"--{name.replace('_', '-')} must be a number in {lo}..{hi}, got {value!r}")
-        if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
+        super().__post_init__()
+        if self.api_key is not None and len(self.api_key) < 8:
             raise InputError("the API key must be a string of at least 8 characters")
 
 
@@ -83,7 +81,7 @@ class ServeSettings:
 class _Job:
     """One request's composite, waiting for the worker."""
 
-    images: dict[str, bytes]
+    images: dict[str, Any]  # decoded uploads (composekit.formats.images.Picture)
     box: tuple[int, int, int, int] | None
     seed: int | None
     options: dict[str, Any]
@@ -96,7 +94,7 @@ class _Job:
         return json.dumps(self.options, sort_keys=True)
 
 
-class _Worker:
+class _ServeWorker:
     """One thread that owns the model and runs queued jobs, batching those with equal options."""
 
     def __init__(self, compositor: Any, settings: ServeSettings, metrics: "_Metrics") -> None:
@@ -193,11 +191,9 @@ def run_jobs(compositor: Any, batch: list[_Job]) -> list[Any]:
                                                    mask=job.images.get("mask"), seed=job.seed, progress=False,
                                                    **job.options)]
         else:
-            options = dict(batch[0].options)
-            shared = {k: options.pop(k) for k in ("region", "margin") if k in options}
             jobs = [{"object": j.images["object"], "background": j.images["background"], "box": j.box,
                      "mask": j.images.get("mask"), "seed": j.seed} for j in batch]
-            results = compositor.paste_batch(jobs, batch_size=len(batch), **options, **shared)
+            results = compositor.paste_batch(jobs, batch_size=len(batch), **batch[0].options)
     except BaseException as exc:  # a whole-batch failure (bad options, a bug): every job gets it
         results = [exc] * len(batch)
     for job in batch:
@@ -328,26 +324,31 @@ class _Guard:
 _ENDPOINTS = ("/v1/paste", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 
-def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
-    if text is None or text == "":
-        return None
-    parts = text.replace(" ", "").split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise _BadRequest(f"box must be four integers 'x0,y0,x1,y1', got {text!r}") from None
-    if len(values) != 4:
-        raise _BadRequest(f"box must be four integers 'x0,y0,x1,y1', got {text!r}")
-    return values  # type: ignore[return-value]
-
-
 class _BadRequest(Exception):
     pass
 
 
+def _form_fields() -> dict[str, tuple[str, Any]]:
+    """``/v1/paste``'s text fields: name -> (description, parser of the text). The options are the option
+    schema's; a parser rejects malformed text (400), the compositor then checks ranges (422)."""
+    from composekit.core.geometry import parse_box
+    from composekit.core.options import SEED, PasteOptions
+
+    fields: dict[str, tuple[str, Any]] = {
+        "box": ("x0,y0,x1,y1 in background pixels (x1, y1 exclusive); or send a mask", parse_box),
+        "seed": (SEED.describe(), SEED.from_text),
+        "method": ("generative (default with a model) or classic (default without)", str),
+    }
+    for name, spec in PasteOptions.specs().items():
+        if spec.cli:
+            only = "" if len(spec.methods) > 1 else f"{spec.methods[0]} method: "
+            fields[name] = (only + spec.describe(), spec.from_text)
+    return fields
+
+
 def _status_for(exc: ComposekitError) -> tuple[int, str]:
     """HTTP status for a composekit error raised while handling a request."""
-    from .errors import BackendUnavailableError, ModelError, NumericalError
+    from composekit.errors import BackendUnavailableError, ModelError, NumericalError
 
     text = str(exc)
     if isinstance(exc, InputError):
@@ -368,7 +369,7 @@ def _status_for(exc: ComposekitError) -> tuple[int, str]:
 def create_app(compositor: Any, settings: ServeSettings | None = None, runner: Any = None) -> Any:
     """The ASGI application for ``compositor`` (the :class:`_Guard` in front of a FastAPI app).
 
-    ``runner`` runs the composites: by default a :class:`_Worker` thread started with the app; the Ray
+    ``runner`` runs the composites: by default a :class:`_ServeWorker` thread started with the app; the Ray
     Serve replica passes itself (``alive()`` and ``async composite(job)``, batching through
     ``@serve.batch``).
     """
@@ -376,8 +377,8 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
 
-    from . import __version__
-    from .images import load_picture
+    from composekit import __version__
+    from composekit.formats.images import load_picture
 
     settings = settings or ServeSettings()
 
@@ -395,7 +396,7 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
             yield
             state.draining = True
             return
-        state.worker = _Worker(compositor, settings, state.metrics)
+        state.worker = _ServeWorker(compositor, settings, state.metrics)
         yield
         state.draining = True
         await asyncio.get_running_loop().run_in_executor(None, state.worker.stop, settings.timeout_s)
@@ -434,55 +435,50 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         state.metrics.requests.labels("/metrics", "200").inc()
         return Response(body, media_type=content_type)
 
-    @api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
-    async def paste(request: Request, object: UploadFile = File(...), background: UploadFile = File(...),  # noqa: A002
-                    mask: UploadFile | None = File(None), box: str | None = Form(None), seed: str | None = Form(None),
-                    method: str | None = Form(None), steps: str | None = Form(None), guidance: str | None = Form(None),
-                    guidance_end: str | None = Form(None), eta: str | None = Form(None),
-                    context: str | None = Form(None), feather: str | None = Form(None),
-                    decode: str | None = Form(None), fidelity: str | None = Form(None),
-                    region: str | None = Form(None), margin: str | None = Form(None),
-                    harmonize: str | None = Form(None), shadow: str | None = Form(None)) -> Response:
+    fields = _form_fields()
+
+    async def paste(request: Request, object: UploadFile, background: UploadFile,  # noqa: A002
+                    mask: UploadFile | None = None, **form: str | None) -> Response:
         start = time.perf_counter()
         status = 500
         try:
-            response = await _paste(request, object, background, mask, box, seed, dict(
-                method=method, steps=steps, guidance=guidance, guidance_end=guidance_end, eta=eta, context=context,
-                feather=feather, decode=decode, fidelity=fidelity, region=region, margin=margin, harmonize=harmonize,
-                shadow=shadow))
+            response = await _paste(request, object, background, mask, form)
             status = response.status_code
             return response
         finally:
+            seconds = time.perf_counter() - start
             state.metrics.requests.labels("/v1/paste", str(status)).inc()
-            state.metrics.latency.observe(time.perf_counter() - start)
+            state.metrics.latency.observe(seconds)
+            client = request.client.host if request.client else "-"
+            logger.info("POST /v1/paste %s %.3f s from %s", status, seconds, client)
 
-    async def _paste(request: Any, object_file: Any, background_file: Any, mask_file: Any, box_text: str | None,
-                     seed_text: str | None, raw: dict[str, str | None]) -> Response:
+    # The form fields are the option schema's (composekit.core.options): FastAPI reads this signature.
+    paste.__signature__ = inspect.Signature([
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+        inspect.Parameter("object", inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                          default=File(..., description="the object image (PNG with alpha = a cut-out)")),
+        inspect.Parameter("background", inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                          default=File(..., description="the background image")),
+        inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile | None,
+                          default=File(None, description="background-sized mask; white = editable")),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                            default=Form(None, description=text)) for name, (text, _) in fields.items()),
+    ])
+    api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})(paste)
+
+    async def _paste(request: Any, object_file: Any, background_file: Any, mask_file: Any,
+                     form: dict[str, str | None]) -> Response:
         try:
-            box = _parse_box(box_text)
-            seed = _NUMBERS["seed"](seed_text) if seed_text not in (None, "") else None
-            options: dict[str, Any] = {}
-            for name, text in raw.items():
-                if text in (None, ""):
-                    continue
-                if name in _TEXT:
-                    options[name] = text
-                else:
-                    try:
-                        options[name] = _NUMBERS[name](text)
-                    except ValueError:
-                        raise _BadRequest(f"{name} must be {'an integer' if _NUMBERS[name] is int else 'a number'}, "
-                                          f"got {text!r}") from None
-        except _BadRequest as exc:
+            values = {name: fields[name][1](text) for name, text in form.items() if text not in (None, "")}
+        except InputError as exc:
             return _error(400, "BadRequest", str(exc))
-        except ValueError:
-            return _error(400, "BadRequest", f"seed must be a non-negative integer, got {seed_text!r}")
-        images = {"object": await object_file.read(), "background": await background_file.read()}
+        box, seed, method = values.pop("box", None), values.pop("seed", None), values.pop("method", None)
+        options: dict[str, Any] = {**values, "method": method} if method is not None else values
+        uploads = {"object": await object_file.read(), "background": await background_file.read()}
         if mask_file is not None:
-            images["mask"] = await mask_file.read()
-        try:
-            for name, data in images.items():  # decode here: 415/413 for the upload, before queueing
-                load_picture(data, name)
+            uploads["mask"] = await mask_file.read()
+        try:  # decoded once, here: 415/413 for the upload before queueing; the compositor takes the pictures
+            images = {name: load_picture(data, name) for name, data in uploads.items()}
         except InputError as exc:
             code, kind = _status_for(exc)
             return _error(code, kind, str(exc))
@@ -505,11 +501,13 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         if FORMATS[media] == "JPEG" and image.mode not in ("RGB", "L"):
             image = image.convert("RGB")  # JPEG has no alpha channel
         image.save(buf, format=FORMATS[media])
-        headers = {"X-Composekit-Seed": str(result.seed), "X-Composekit-Box": ",".join(map(str, result.box)),
+        headers = {"X-Composekit-Box": ",".join(map(str, result.box)),
                    "X-Composekit-Method": result.method, "X-Composekit-Steps": str(result.steps),
                    "X-Composekit-Timings": json.dumps({k: round(v, 6) for k, v in result.timings.items()},
                                                       separators=(",", ":")),
                    "X-Composekit-Batch-Size": str(job.batch_size)}
+        if result.seed is not None:  # the classic method draws no noise
+            headers["X-Composekit-Seed"] = str(result.seed)
         return Response(buf.getvalue(), media_type=media, headers=headers)
 
     return _Guard(api, state, settings)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import ModelError
+from composekit.errors import ModelError
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "Field", "Schema", "read_json", "inside", "regular_file",
            "check", "SCHEMAS", "allowed_root"]

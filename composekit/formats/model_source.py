@@ -11,7 +11,7 @@ A model is a directory in diffusers' Paint-by-Example layout::
     adaptor/config.json       + diffusion_pytorch_model.safetensors   (ObjectStitch family only)
 
 For ObjectStitch models ``image_encoder/`` is a plain transformers ``CLIPVisionModel`` and
-``adaptor/`` is composekit's :class:`~composekit.adaptors.ContentAdaptor`.
+``adaptor/`` is composekit's :class:`~composekit.core.adaptors.ContentAdaptor`.
 
 Weights are read only from safetensors; a component that has only pickle files (``.bin``, ``.pt``,
 ``.ckpt``) is refused, since unpickling can run arbitrary code.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configs import MAX_JSON_BYTES, SCHEMAS, inside, read_json, regular_file
-from .errors import ModelError, ModelNotFoundError, UnsafeModelFileError
+from composekit.errors import ModelError, ModelNotFoundError, UnsafeModelFileError
+from composekit.formats.safe_json import MAX_JSON_BYTES, SCHEMAS, inside, read_json, regular_file
 
 __all__ = ["ModelFiles", "COMPONENTS", "resolve_source", "read_model_dir", "read_json", "HUB_ALLOW_PATTERNS",
            "check_safetensors"]

@@ -31,11 +31,12 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InputError
+from composekit.core.options import check_integer
+from composekit.errors import InputError
 
 __all__ = ["ALLOWED_FORMATS", "MAX_PIXELS", "Picture", "load_picture", "to_caller_kind", "set_max_pixels"]
 
-from .files import IMAGE_FORMATS
+from composekit.formats.atomic import IMAGE_FORMATS
 
 ALLOWED_FORMATS = tuple(dict.fromkeys(IMAGE_FORMATS.values()))  # ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 # Decoded images larger than this are refused (see set_max_pixels). The default is Pillow's own
@@ -47,9 +48,7 @@ MAX_PIXELS = 89_478_485
 def set_max_pixels(limit: int) -> None:
     """Set the largest pixel count (width x height) composekit decodes from a file or bytes."""
     global MAX_PIXELS
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InputError(f"the pixel limit must be a positive integer, got {limit!r}")
-    MAX_PIXELS = limit
+    MAX_PIXELS = check_integer("the pixel limit", limit, 1)
 Kind = Literal["pil", "numpy", "path", "bytes"]
 
 
@@ -94,7 +93,7 @@ def _open(data: Any, what: str) -> Image.Image:
                 raise InputError(
                     f"{label} is {img.width}x{img.height} = {img.width * img.height:,} pixels, over the limit of "
                     f"{MAX_PIXELS:,}; refused before decoding. If you trust it, raise the limit with "
-                    "composekit.images.set_max_pixels(N)"
+                    "composekit.formats.images.set_max_pixels(N)"
                 )
             img.seek(0)
             img = _exif_transpose(img, label)
@@ -102,7 +101,7 @@ def _open(data: Any, what: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
             f"{label} is over the limit Pillow allows ({exc}); refused before decoding. If you trust it, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS and composekit.images.set_max_pixels(N)"
+            "PIL.Image.MAX_IMAGE_PIXELS and composekit.formats.images.set_max_pixels(N)"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = re.sub(r" <[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
@@ -157,7 +156,10 @@ def _from_array(arr: np.ndarray, what: str) -> Image.Image:
 
 
 def load_picture(image: Any, what: str = "image") -> Picture:
-    """Read ``image`` (PIL, numpy, path or bytes) into a :class:`Picture` (always a fresh copy)."""
+    """Read ``image`` (PIL, numpy, path, bytes, or a Picture already read) into a :class:`Picture` (always a
+    fresh copy)."""
+    if isinstance(image, Picture):  # decoded once (e.g. by the HTTP service, to answer 413/415 early)
+        return Picture(image.rgb.copy(), None if image.alpha is None else image.alpha.copy(), image.mode, image.kind)
     if isinstance(image, Image.Image):
         kind: Kind = "pil"
         img = image

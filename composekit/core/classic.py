@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .geometry import Box, feather_alpha
+from composekit.core.geometry import Box, feather_alpha
 
 __all__ = ["classic_composite"]
 

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendUnavailableError, EngineIncompatibleError, ModelError, install_hint
-from .files import atomic_file
-from .configs import SCHEMAS, check, inside, read_json, regular_file
-from .manifest import ExportManifest, check_manifest_data, sha256_file
-from .specs import COMPONENT_NAMES
+from composekit.core.specs import COMPONENT_NAMES
+from composekit.errors import BackendUnavailableError, EngineIncompatibleError, ModelError, install_hint
+from composekit.formats.atomic import atomic_file
+from composekit.formats.export_manifest import ExportManifest, check_manifest_data, sha256_file
+from composekit.formats.safe_json import SCHEMAS, check, inside, read_json, regular_file
 
 __all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT",
            "ENGINES", "EngineDir", "read_engine_dir", "gpu_identity"]

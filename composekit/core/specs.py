@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InputError
+from composekit.errors import InputError
 
 __all__ = ["ModelDims", "TensorSpec", "ComponentSpec", "component_specs", "COMPONENT_NAMES", "OPTIONAL_COMPONENTS"]
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, ModelError
+from composekit.errors import InputError, ModelError
 
 __all__ = ["ClipPreprocessor", "flatten_cutout", "require_visible", "check_object_shape", "MAX_OBJECT_ASPECT"]
 

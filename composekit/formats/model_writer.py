@@ -1,7 +1,7 @@
 """Writing a model directory (one folder per component, and ``model_index.json``) atomically.
 
 Used by the random-model builder and by the checkpoint converters. The directory is assembled in a
-temporary folder beside the target and renamed into place (:func:`composekit.files.atomic_directory`),
+temporary folder beside the target and renamed into place (:func:`composekit.formats.atomic.atomic_directory`),
 so a failure never leaves a half-written model that would load.
 """
 
@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from .files import atomic_directory
+from composekit.formats.atomic import atomic_directory
 
 __all__ = ["write_model_dir"]
 
@@ -22,7 +22,7 @@ def write_model_dir(out_dir: str | os.PathLike, components: Mapping[str, Any], i
                     overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> Path:
     """Save every component with its ``save_pretrained`` (safetensors), write ``model_index.json`` and
     any ``extra_files`` (name -> text), then move the whole directory into place."""
-    from .backends.torch_backend import quiet_loading
+    from composekit.backends.torch_backend import quiet_loading
 
     with atomic_directory(out_dir, overwrite) as tmp:
         with quiet_loading(), warnings.catch_warnings():

@@ -1,8 +1,8 @@
 """The masked DDIM loop, written once against :class:`~composekit.backends.Backend`, in three stages.
 
 :func:`encode` (object context, background latent, masks) -> :func:`denoise` (the loop) ->
-:func:`decode` (latents -> pixels); :func:`sample` runs the three and times them. The loop talks to
-the scheduler only through :class:`~composekit.scheduler.Scheduler` (timesteps and one update), so a
+:func:`decode` (latents -> pixels); :func:`sample_batch` runs the three for a batch of jobs and times them. The loop talks to
+the scheduler only through :class:`~composekit.core.scheduler.Scheduler` (timesteps and one update), so a
 second scheduler needs no change here. The equations, as the docs' method pages state them:
 
 - Paint by Example: the U-Net input is 9 channels, ``[x_t, E(I_bg * (1 - M)), 1 - M]`` (noisy
@@ -41,28 +41,16 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backends.base import Backend
-from .errors import InputError, NumericalError
-from .geometry import box_blur
-from .scheduler import Scheduler
+from composekit.backends.base import Backend
+from composekit.core.geometry import box_blur
+from composekit.core.options import PasteOptions
+from composekit.core.scheduler import Scheduler
+from composekit.errors import InputError, NumericalError
 
-__all__ = ["SamplerOptions", "SampleOutput", "Encoded", "Job", "sample", "sample_batch", "encode", "denoise",
+__all__ = ["SampleOutput", "Encoded", "Job", "sample_batch", "encode", "denoise",
            "decode", "lowpass_matrix", "ilvr_mask", "decode_cells", "check_latents"]
 
 StepCallback = Callable[[int, int, np.ndarray], None]
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    steps: int = 50
-    guidance: float = 5.0
-    eta: float = 0.0
-    seed: int = 0  # the single-job seed (sample); sample_batch takes one seed per job
-    guidance_end: float = 1.0  # fraction of the steps that use guidance (the rest run one conditional pass)
-    decode: str = "window"  # "window": decode the whole window; "region": only the hole plus a margin
-    progress: bool = True
-    callback: StepCallback | None = None
-    ilvr: tuple[int, float] | None = None  # fidelity guidance: (low-pass factor N in cells, fraction of steps)
 
 
 @dataclass(frozen=True)
@@ -104,7 +92,8 @@ def _finite_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _nonfinite(what: str) -> NumericalError:
-    return NumericalError(f"non-finite values (NaN/inf) in the {what}; with float16, retry with dtype='float32'")
+    return NumericalError(f"non-finite values (NaN/inf) in the {what}; with float16 or bfloat16, retry with "
+                          "dtype='float32'; in float32, the model's weights may hold NaN or inf")
 
 
 def _to_model_range(windows: list[np.ndarray]) -> np.ndarray:
@@ -180,10 +169,11 @@ def _noise(rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarra
     return np.stack(draws, axis=-4)
 
 
-def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: SamplerOptions,
-            x_init: np.ndarray, rngs: list[np.random.Generator]) -> Any:
+def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: PasteOptions,
+            x_init: np.ndarray, rngs: list[np.random.Generator], callback: StepCallback | None = None) -> Any:
     """Stage 2: the masked DDIM loop from ``x_init`` ``(B, 4, h, w)``; returns the final latents (a backend
-    array). ``rngs`` are the jobs' generators, already past their x_T draw.
+    array). ``rngs`` are the jobs' generators, already past their x_T draw; ``callback(step, t, latents)``
+    sees the latents after every step.
 
     No host synchronisation inside the loop unless a callback asks for the latents.
     """
@@ -244,8 +234,8 @@ def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: Sampl
             z_bg_t = scheduler.add_noise(enc.z_bg, step_noise[i, draws_per_step - 1], t_prev) if t_prev >= 0 \
                 else enc.z_bg
             x = x * (1.0 - enc.keep_b) + z_bg_t * enc.keep_b
-        if options.callback is not None:
-            options.callback(i, t, backend.to_numpy(x))
+        if callback is not None:
+            callback(i, t, backend.to_numpy(x))
     return x
 
 
@@ -277,23 +267,15 @@ def decode(backend: Backend, x: Any, keep: np.ndarray, windows: list[np.ndarray]
     return out
 
 
-def sample_batch(
-    backend: Backend,
-    scheduler: Scheduler,
-    jobs: list[Job],
-    options: SamplerOptions,
-    encode_objects: Callable[[list[np.ndarray]], tuple[Any, Any]] | None = None,
-) -> list[SampleOutput | NumericalError]:
+def sample_batch(backend: Backend, scheduler: Scheduler, jobs: list[Job], options: PasteOptions,
+                 callback: StepCallback | None = None) -> list[SampleOutput | NumericalError]:
     """Generate every job's window together; returns, per job, its output or the NumericalError it hit.
 
-    ``encode_objects(pixels)`` gives the contexts ``(c, v)`` of all jobs' objects, one row per job; by
-    default one ``backend.encode_object`` call on the stacked pixels (the compositor passes a cached
-    version, so an object seen in a recent call is not encoded again). Jobs need a ``guide_window``
-    when ``options.ilvr`` is set.
+    The objects' contexts come from one ``backend.encode_object`` call on the stacked pixels (the
+    compositor's backend is wrapped in a context cache, so an object seen in a recent call is not encoded
+    again). Jobs need a ``guide_window`` when ``options.ilvr`` is set; when every job has one, ``y_0`` is
+    encoded (and returned) even with fidelity off.
     """
-    info = backend.info
-    f, m = info.vae_scale_factor, info.model_size
-    shape = (1, info.latent_channels, m // f, m // f)
     if options.ilvr is not None and any(j.guide_window is None for j in jobs):
         raise InputError("fidelity control needs the naive paste (guide_window) of every job")
     rngs = [np.random.default_rng(j.seed) for j in jobs]
@@ -306,18 +288,19 @@ def sample_batch(
         return now
 
     t0 = time.perf_counter()
-    # Stage 1, timed in two laps: the objects, then the images.
-    pixels = [j.object_pixels for j in jobs]
-    context = (encode_objects or (lambda p: backend.encode_object(np.concatenate(p))))(pixels)
+    # Stage 1, timed in two laps: the objects (1a), then the images (1b, 1c).
+    context = backend.encode_object(np.concatenate([j.object_pixels for j in jobs]))
     t0 = lap("encode_object", t0)
+    guides = [j.guide_window for j in jobs]
     enc = encode(backend, [j.window for j in jobs], [j.hole for j in jobs], context,
-                 guide_windows=[j.guide_window for j in jobs] if options.ilvr is not None else None)
+                 guide_windows=guides if all(g is not None for g in guides) else None)
     t0 = lap("encode_image", t0)
 
     # x_T: each job's own latents, or N(0, I) drawn on the CPU from its seed (numpy PCG64).
+    shape = backend.info.latent_shape()
     x_init = np.concatenate([rng.standard_normal(shape, dtype=np.float32) if j.latents is None else j.latents
                              for j, rng in zip(jobs, rngs)])
-    x = denoise(backend, scheduler, enc, options, x_init, rngs)
+    x = denoise(backend, scheduler, enc, options, x_init, rngs, callback)
     t0 = lap("denoise", t0)
 
     final = backend.to_numpy(x)
@@ -336,31 +319,6 @@ def sample_batch(
             results.append(SampleOutput(image=images[r], latents=final[r:r + 1], timings=dict(timings),
                                         guide_latents=guide[r:r + 1] if guide is not None else None))
     return results
-
-
-def sample(
-    backend: Backend,
-    scheduler: Scheduler,
-    window: np.ndarray,
-    hole: np.ndarray,
-    object_pixels: np.ndarray,
-    options: SamplerOptions,
-    latents: np.ndarray | None = None,
-    encode_object: Callable[[np.ndarray], tuple[Any, Any]] | None = None,
-    guide_window: np.ndarray | None = None,
-) -> SampleOutput:
-    """One job: generate the window ``(M, M, 3)`` uint8 with the ``hole`` ``(M, M)`` (1 = regenerate)
-    filled in, from ``options.seed`` (see :func:`sample_batch`). Raises NumericalError on NaN/inf."""
-    info = backend.info
-    shape = (1, info.latent_channels, info.model_size // info.vae_scale_factor,
-             info.model_size // info.vae_scale_factor)
-    job = Job(window, hole, object_pixels, options.seed, guide_window,
-              None if latents is None else check_latents(latents, shape))
-    encode_objects = None if encode_object is None else (lambda pixels: encode_object(pixels[0]))
-    out = sample_batch(backend, scheduler, [job], options, encode_objects)[0]
-    if isinstance(out, NumericalError):
-        raise out
-    return out
 
 
 def check_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:

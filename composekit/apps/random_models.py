@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendUnavailableError, InputError, install_hint
+from composekit.errors import BackendUnavailableError, InputError, install_hint
 
 __all__ = ["SIZES", "FAMILIES", "make_random_model", "make_random_tiny_vae", "component_configs", "model_index"]
 
@@ -33,7 +33,7 @@ FAMILIES = ("paint_by_example", "objectstitch")
 
 def _scheduler_config() -> dict:
     """SD 1.x's schedule (composekit's DDIMScheduler defaults), as the PNDM config Paint by Example ships."""
-    from .scheduler import DDIMScheduler
+    from composekit.core.scheduler import DDIMScheduler
 
     sd = DDIMScheduler()
     keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "set_alpha_to_one", "steps_offset")
@@ -99,7 +99,7 @@ def make_random_model(
     ``family="objectstitch"`` adds a content adaptor of kind ``adaptor`` (``"mapper"`` or
     ``"conv1d"``) after a plain CLIP vision tower; ``unet_channels=4`` gives a plain SD U-Net (the
     4-channel masked-DDIM path) instead of the 9-channel inpainting one. The directory appears
-    atomically (see :mod:`composekit.modeldir`).
+    atomically (see :mod:`composekit.formats.model_writer`).
     """
     try:
         import torch
@@ -111,9 +111,9 @@ def make_random_model(
             f"{install_hint('torch')}"
         ) from exc
 
-    from .adaptors import KINDS, ContentAdaptor
-    from .backends.torch_backend import image_encoder_class, quiet_loading
-    from .modeldir import write_model_dir
+    from composekit.backends.torch_backend import image_encoder_class, quiet_loading
+    from composekit.core.adaptors import KINDS, ContentAdaptor
+    from composekit.formats.model_writer import write_model_dir
 
     if family not in FAMILIES:
         raise InputError(f"model family {family!r} is not known; expected one of {FAMILIES}")
@@ -177,7 +177,7 @@ def make_random_tiny_vae(out_dir: str | os.PathLike, size: str = "tiny", *, seed
     except ImportError as exc:
         raise BackendUnavailableError(f"building a random tiny VAE needs PyTorch and diffusers: "
                                       f"{install_hint('torch')}") from exc
-    from .files import atomic_directory
+    from composekit.formats.atomic import atomic_directory
 
     if size not in TINY_VAE_CONFIGS:
         raise InputError(f"size must be one of {sorted(TINY_VAE_CONFIGS)}, got {size!r}")
@@ -200,7 +200,7 @@ def model_index(family: str, adaptor: str | None = None) -> dict[str, Any]:
     """
     from diffusers import __version__ as diffusers_version
 
-    from . import __version__
+    from composekit import __version__
 
     common = {
         "_diffusers_version": diffusers_version,

@@ -1,10 +1,15 @@
 """The ``composekit`` command line.
 
-    composekit paste OBJ BG --box X0,Y0,X1,Y1 -o OUT --model DIR_OR_REPO [--steps N] [--seed K]
+    composekit paste OBJ [OBJ ...] BG --box X0,Y0,X1,Y1 -o OUT [--model DIR_OR_REPO] [option flags]
+    composekit batch OBJ INPUTS... -o OUT_DIR (--box X0,Y0,X1,Y1 | --boxes boxes.json) [--model ...] [--ray]
+    composekit serve [--model DIR_OR_REPO] [--port N] [settings flags] [--ray]
     composekit make-model tiny|full OUT [--family F] [--adaptor A] [--unet-channels 9|4] [--seed K]
-    composekit batch OBJ INPUTS... -o OUT_DIR (--box X0,Y0,X1,Y1 | --boxes boxes.json) [--model ...]
     composekit demo [DIR]
     composekit env
+
+The option flags of ``paste`` and ``batch`` and the settings flags of ``serve`` are generated from their
+declarations (``composekit.core.options``, ``ServeSettings``, ``RaySettings``); flags are read as text
+here and checked where the value is used, so the messages are the Python API's (in CLI words).
 
 Exit codes: 0 success; 2 bad arguments or input (:class:`InputError`); 3 model problem
 (:class:`ModelError`); 4 backend or device unavailable; 1 any other composekit error.
@@ -21,24 +26,24 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from . import __version__
-from .errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
-from .files import IMAGE_FORMATS, check_output_path, save_image_atomic
-from .images import ALLOWED_FORMATS
+from composekit import __version__
+from composekit.core.options import THREADS
+from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
+from composekit.formats.atomic import IMAGE_FORMATS, check_output_path, save_image_atomic
+from composekit.formats.images import ALLOWED_FORMATS
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, EXIT_BACKEND = 0, 1, 2, 3, 4
 
 
 def _parse_box(text: str) -> tuple[int, int, int, int]:
-    parts = text.replace(" ", "").split(",")
+    from composekit.core.geometry import parse_box
+
     try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"box must be four integers X0,Y0,X1,Y1, got {text!r}") from None
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"box must be four integers X0,Y0,X1,Y1, got {text!r}")
-    return values  # type: ignore[return-value]
+        return parse_box(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _read_input(value: str, stdin_used: list[bool]):
@@ -53,7 +58,7 @@ def _read_input(value: str, stdin_used: list[bool]):
 
 def _compositor(args: argparse.Namespace):
     """The classic compositor without --model, otherwise the model loaded as the options say."""
-    from . import Compositor
+    from composekit import Compositor
 
     if args.model is None:
         return Compositor()
@@ -67,33 +72,28 @@ def _load_options(args: argparse.Namespace) -> dict:
             "vae": args.vae}
 
 
-def _method_options(args: argparse.Namespace):
-    """The validated option type of the method that runs: GenerativeOptions with --model, else ClassicOptions.
+def _method_options(args: argparse.Namespace, progress: bool = True) -> Any:
+    """The validated options of the method that runs, from the option flags given (derived from the one
+    option schema, ``composekit.core.options``). Generative with --model, else classic; an option or a
+    model flag that the method does not use is refused with the same message as the Python API's."""
+    from composekit.core.options import PasteOptions, resolve
 
-    Options that belong to the other method are refused when they were given explicitly (they would do
-    nothing), so a flag is never ignored silently.
-    """
-    from .options import ClassicOptions, GenerativeOptions
+    method = args.method or ("generative" if args.model is not None else "classic")
+    if method == "generative" and args.model is None:
+        raise InputError("--method generative needs --model (a model directory, ONNX export or Hub repo id)")
+    if method == "classic":
+        given = [flag for flag, dest in _LOAD_FLAGS.items() if getattr(args, dest, None) not in (None, False, "auto")]
+        if given:
+            raise InputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the generative method, "
+                             "which needs --model (a model directory, ONNX export or Hub repo id)")
+    given_options = {name: getattr(args, name) for name, spec in PasteOptions.specs().items()
+                     if spec.cli and getattr(args, name, None) is not None}
+    return resolve(method, {**given_options, "progress": progress and not args.quiet})
 
-    generative = args.model is not None and getattr(args, "method", None) != "classic"
-    if generative:
-        for flag, value in (("--harmonize", args.harmonize), ("--shadow", args.shadow)):
-            if value is not None:
-                raise InputError(f"{flag} applies to the classic method only (no --model, or --method classic)")
-        return GenerativeOptions(
-            steps=args.steps, guidance=args.guidance, eta=getattr(args, "eta", 0.0), guidance_end=args.guidance_end,
-            decode=args.decode, context=getattr(args, "context", 2.0), feather=args.feather,
-            fidelity=args.fidelity, progress=not args.quiet and not getattr(args, "batch_bar", False))
-    generative_flags = {"--steps": args.steps != 50, "--guidance": args.guidance != 5.0,
-                        "--guidance-end": args.guidance_end != 1.0, "--decode": args.decode != "window",
-                        "--fidelity": args.fidelity != 0.0, "--device": args.device is not None,
-                        "--dtype": args.dtype is not None, "--backend": args.backend != "auto"}
-    given = [flag for flag, changed in generative_flags.items() if changed]
-    if given:
-        raise InputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the generative method, "
-                         "which needs --model (a model directory, ONNX export or Hub repo id)")
-    return ClassicOptions(harmonize=0.5 if args.harmonize is None else args.harmonize,
-                          shadow=0.35 if args.shadow is None else args.shadow, feather=args.feather)
+
+# The flags that say how a model is loaded (meaningless without --model), by destination.
+_LOAD_FLAGS = {"--backend": "backend", "--device": "device", "--dtype": "dtype", "--vae": "vae",
+               "--threads": "threads", "--offline": "offline"}
 
 
 def _cmd_paste(args: argparse.Namespace) -> int:
@@ -108,8 +108,6 @@ def _cmd_paste(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     say = sys.stderr if to_stdout else sys.stdout
 
-    if args.model is None and args.method == "generative":
-        raise InputError("--method generative needs --model (a model directory or Hub repo id)")
     options = _method_options(args)
     boxes, masks = args.box or [None], args.mask or [None]
     several = len(objects) > 1
@@ -122,11 +120,8 @@ def _cmd_paste(args: argparse.Namespace) -> int:
     elif len(boxes) > 1 or len(masks) > 1:
         raise InputError("several --box or --mask options need as many OBJECT files, one per box")
     comp = _compositor(args)
-    result = comp.paste(
-        objects if several else objects[0], background, boxes if several else boxes[0],
-        mask=masks if several else masks[0], seed=args.seed, region=args.region, margin=args.margin,
-        options=options,
-    )
+    result = comp.paste(objects if several else objects[0], background, boxes if several else boxes[0],
+                        mask=masks if several else masks[0], seed=args.seed, options=options)
     if to_stdout:
         result.image.save(sys.stdout.buffer, format=args.format)  # checked not to be a terminal before the work
         sys.stdout.buffer.flush()
@@ -191,11 +186,14 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     if (args.box is None) == (args.boxes is None):
         raise InputError("give exactly one of --box (the same box for every background) or --boxes FILE.json")
-    args.batch_bar = True
-    options = _method_options(args)
+    options = _method_options(args, progress=False)  # one bar for the batch, not one per composite
+    if options.method == "classic" and args.seed is not None:
+        raise InputError("--seed applies to the generative method only, and this batch uses the classic method; "
+                         "drop it, or give --model")
+    seed = None if options.method == "classic" else 0 if args.seed is None else args.seed
     jobs = _batch_jobs(args)
     if args.ray:
-        return _batch_on_ray(args, jobs, options)
+        return _batch_on_ray(args, jobs, options, seed)
     comp = _compositor(args)
     report: list[dict] = []
     todo = []
@@ -205,9 +203,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                            "status": "skipped (output exists; --overwrite to redo)"})
         else:
             todo.append((bg, box, out))
-    stream = comp.paste_stream(({"object": args.object, "background": bg, "box": box, "seed": args.seed}
-                                for bg, box, _ in todo), batch_size=args.batch_size, region=args.region,
-                               margin=args.margin, options=options)
+    stream = comp.paste_stream(({"object": args.object, "background": bg, "box": box, "seed": seed}
+                                for bg, box, _ in todo), batch_size=args.batch_size, options=options)
     bar = tqdm(total=len(todo), desc="composekit batch", disable=args.quiet or args.json)
     for (bg, box, out), result in zip(todo, stream):
         record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
@@ -246,7 +243,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "multipart", "prometheus_client", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailableError(f"composekit serve needs {', '.join(missing)}; {install_hint('serve')}")
-    from .serve import ServeSettings, run
+    from composekit.apps.serve import ServeSettings, run
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
@@ -263,8 +260,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port "
                          "or --host") from None
     key = args.api_key or os.environ.get("COMPOSEKIT_API_KEY") or None
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
-                             queue_size=args.queue_size, timeout_s=args.timeout, api_key=key)
+    settings = _settings(ServeSettings, args, api_key=key)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"composekit serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
               "use it", file=sys.stderr)
@@ -276,44 +272,72 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     if args.ray:
-        from . import ray_serve
+        from composekit.apps import ray_serve
 
-        scale = ray_serve.RaySettings(replicas=args.replicas, min_replicas=args.min_replicas,
-                                      max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
-                                      cpus_per_replica=args.cpus_per_replica, threads=args.threads)
+        scale = _settings(ray_serve.RaySettings, args, threads=args.threads)
         ray_serve.run(args.model, _load_options(args) if args.model else {}, settings, scale, host=args.host, port=args.port,
                       address=args.address, on_ready=ready)
         return EXIT_OK
-    for flag in ("address", "min_replicas", "max_replicas"):
-        if getattr(args, flag) is not None:
-            raise InputError(f"--{flag.replace('_', '-')} needs --ray")
-    if args.replicas != 1 or args.gpus_per_replica or args.cpus_per_replica != 1:
-        raise InputError("--replicas, --gpus-per-replica and --cpus-per-replica need --ray")
+    from composekit.apps.ray_serve import RaySettings
+
+    ray_only = [spec.cli_flag for name, spec in RaySettings.specs().items() if spec.cli and getattr(args, name) is not None]
+    ray_only += ["--address"] if args.address is not None else []
+    if ray_only:
+        raise InputError(f"{', '.join(ray_only)} need{'s' if len(ray_only) == 1 else ''} --ray (Ray Serve's settings): add --ray or drop {'it' if len(ray_only) == 1 else 'them'}")
     comp = _compositor(args)
+    logging.getLogger("composekit.apps.serve").setLevel(logging.INFO)  # one line per request, on stderr
     run(comp, settings, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
         on_ready=ready)
     return EXIT_OK
 
 
-def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object) -> int:
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise BackendUnavailableError(f"composekit ui needs Gradio; {install_hint('ui')}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    auth_text = args.auth or os.environ.get("COMPOSEKIT_UI_AUTH") or None
+    auth = None
+    if auth_text is not None:
+        user, sep, password = auth_text.partition(":")
+        if not sep or not user or len(password) < 8:
+            raise InputError("--auth must be USER:PASSWORD with a password of at least 8 characters")
+        auth = (user, password)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"composekit ui: warning: listening on {args.host} without --auth; anyone who can reach it can use it",
+              file=sys.stderr)
+    from composekit.apps.ui import run as run_ui
+
+    comp = _compositor(args)
+
+    def ready(port: int) -> None:
+        what = f"model {args.model}" if args.model else "classic method (no model)"
+        print(f"composekit ui: listening on http://{args.host}:{port} ({what})", file=sys.stderr, flush=True)
+
+    run_ui(comp, host=args.host, port=args.port, auth=auth, on_ready=ready)
+    return EXIT_OK
+
+
+def _batch_on_ray(args: argparse.Namespace, jobs: list, options: object, seed: int | None) -> int:
     """``composekit batch --ray``: the same jobs on Ray Data (one model-holding actor per worker)."""
-    from .distributed import MANIFEST, ray_batch
+    from composekit.apps.ray_batch import RECORDS_FILE, ray_batch
 
     _apply_threads(args)
-    rows = [{"object": str(args.object), "background": str(bg), "box": box, "seed": args.seed, "output": out.name}
+    rows = [{"object": str(args.object), "background": str(bg), "box": box, "seed": seed, "output": out.name}
             for bg, box, out in jobs]
     records = ray_batch(args.model, rows, args.output, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                         batch_size=args.batch_size, address=args.address, overwrite=args.overwrite,
-                        load_options=_load_options(args) if args.model else None, options=options, region=args.region,
-                        margin=args.margin)
+                        load_options=_load_options(args) if args.model else None, options=options)
     for r in records:
         if r["status"] == "failed":
             print(f"composekit: {r['background']}: {r['error']}", file=sys.stderr)
-    return _batch_report(args, records, f" on Ray (manifest: {Path(args.output) / MANIFEST})")
+    return _batch_report(args, records, f" on Ray (manifest: {Path(args.output) / RECORDS_FILE})")
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from .random_models import make_random_model, make_random_tiny_vae
+    from composekit.apps.random_models import make_random_model, make_random_tiny_vae
 
     if args.tiny_vae:
         out = make_random_tiny_vae(args.output, args.size, seed=args.seed, overwrite=args.overwrite)
@@ -326,7 +350,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_BOX, demo_images, run_demo
+    from composekit.apps.demo import DEMO_BOX, demo_images, run_demo
 
     paths = run_demo(args.output, generative=args.generative, steps=args.steps)
     print(f"wrote {paths['classic']}: {paths['object']} pasted into {paths['background']} with the classic method "
@@ -335,7 +359,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"wrote {paths['generative']} with a tiny random model ({paths['model']}): random weights show the "
               "mechanics, not quality")
     box = ",".join(map(str, DEMO_BOX))
-    print("For a generative composite with the published Paint-by-Example weights (~5 GB, downloaded once):\n"
+    print("For a generative composite with the published Paint-by-Example weights (~5 GB, downloaded once), install "
+          f"the torch extra ({install_hint('torch')}), then:\n"
           f"  composekit paste {paths['object']} {paths['background']} --box {box} -o out.png "
           "--model Fantasy-Studio/Paint-by-Example")
     return EXIT_OK
@@ -386,18 +411,62 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, metavar="DIR_OR_REPO|tiny",
                    help="decode with a tiny autoencoder (speed option): an AutoencoderTiny folder or Hub id such as "
                    "madebyollin/taesd for a diffusers model, 'tiny' for an export made with --tiny-vae")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_typed(THREADS), default=None,
                    help="CPU threads for the torch backend (default: torch's, one per core). On a machine busy with "
                         "other work, 1 avoids multi-second stalls (see docs/troubleshooting.md)")
 
 
+def _typed(spec: Any) -> Any:
+    """An argparse ``type=`` that reads a flag's text as its declaration says (a clear message if not); the
+    range is checked where the value is used, with the Python API's message."""
+    def parse(text: str) -> Any:
+        try:
+            return spec.from_text(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = spec.name
+    return parse
+
+
+def _option_arguments(p: argparse.ArgumentParser) -> None:
+    """--method, --seed and one flag per paste option, all from the one option schema."""
+    from composekit.core.options import SEED, PasteOptions
+
+    p.add_argument("--method", choices=["generative", "classic"], default=None,
+                   help="default: generative with --model, classic without")
+    p.add_argument("--seed", type=_typed(SEED), default=None, help=SEED.describe())
+    for name, spec in PasteOptions.specs().items():
+        if spec.cli:
+            only = "" if len(spec.methods) > 1 else f"{spec.methods[0]} method: "
+            p.add_argument(spec.cli_flag, dest=name, type=_typed(spec), default=None, metavar=_metavar(spec),
+                           help=only + spec.describe())
+
+
+def _metavar(spec: Any) -> str:
+    return "{" + ",".join(spec.choices) + "}" if spec.choices else "N" if spec.kind is int else "X"
+
+
+def _settings_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of a settings type (ServeSettings, RaySettings) that the CLI offers."""
+    for name, spec in cls.specs().items():
+        if spec.cli and name != "api_key":
+            p.add_argument(spec.cli_flag, dest=name, type=_typed(spec), default=None, metavar=_metavar(spec),
+                           help=spec.describe())
+
+
+def _settings(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """A settings type from the flags that were given (the others keep their declared defaults)."""
+    given = {name: getattr(args, name) for name, spec in cls.specs().items()
+             if spec.cli and getattr(args, name, None) is not None}
+    return cls(**{**given, **values})
+
+
 def _apply_threads(args: argparse.Namespace) -> None:
     """--threads N: the torch backend's intra-op threads (and OpenMP's, set before torch is imported)."""
-    n = getattr(args, "threads", None)
+    n = THREADS.check(getattr(args, "threads", None))
     if n is None:
         return
-    if not 1 <= n <= 1024:
-        raise InputError(f"--threads must be in 1..1024, got {n}")
     os.environ["OMP_NUM_THREADS"] = str(n)
     try:
         import torch  # process-wide; the exported-model backends have their own thread options
@@ -440,25 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="PNG", choices=list(ALLOWED_FORMATS),
                    help="image format when writing to standard output (default PNG)")
     _model_arguments(p)
-    p.add_argument("--method", choices=["generative", "classic"], default=None,
-                   help="default: generative with --model, classic without")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
-    p.add_argument("--context", type=float, default=2.0, help="context window side / box side (default 2)")
-    p.add_argument("--guidance-end", type=float, default=1.0,
-                   help="fraction of the steps that use guidance; later steps run one U-Net pass (default 1)")
-    p.add_argument("--decode", choices=["window", "region"], default="window",
-                   help="decode the whole context window (default) or only the edited region plus a margin")
-    p.add_argument("--fidelity", type=float, default=0.0,
-                   help="0..1: how much of the object's own appearance to keep (masked ILVR; default 0 = off)")
-    p.add_argument("--region", choices=["box", "silhouette"], default="box",
-                   help="editable region: the whole box (default) or a cut-out's silhouette grown by --margin")
-    p.add_argument("--margin", type=int, default=None, help="silhouette growth in pixels (default 1/8 of the box)")
-    p.add_argument("--feather", type=int, default=None, help="soft-edge width in pixels inside the region")
-    p.add_argument("--harmonize", type=float, default=None, help="classic method: colour transfer 0..1 (default 0.5)")
-    p.add_argument("--shadow", type=float, default=None, help="classic method: contact shadow 0..1 (default 0.35)")
+    _option_arguments(p)
     p.add_argument("--json", action="store_true", help="print box, seed and timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_paste)
@@ -476,17 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--box", type=_parse_box, help="X0,Y0,X1,Y1 for every background")
     b.add_argument("--boxes", help="JSON file: {file name: box or [box, ...]}")
     _model_arguments(b)
-    b.add_argument("--steps", type=int, default=50)
-    b.add_argument("--guidance", type=float, default=5.0)
-    b.add_argument("--seed", type=int, default=0, help="seed for every composite (default 0)")
-    b.add_argument("--guidance-end", type=float, default=1.0, help="as for paste")
-    b.add_argument("--decode", choices=["window", "region"], default="window", help="as for paste")
-    b.add_argument("--fidelity", type=float, default=0.0, help="as for paste")
-    b.add_argument("--region", choices=["box", "silhouette"], default="box", help="as for paste")
-    b.add_argument("--margin", type=int, default=None, help="as for paste")
-    b.add_argument("--feather", type=int, default=None, help="as for paste")
-    b.add_argument("--harmonize", type=float, default=None, help="as for paste (classic method)")
-    b.add_argument("--shadow", type=float, default=None, help="as for paste (classic method)")
+    _option_arguments(b)  # --seed: the same for every composite (default 0 with a model)
     b.add_argument("--ray", action="store_true",
                    help="run on Ray Data: one model-holding actor per worker; writes OUT_DIR/manifest.jsonl")
     b.add_argument("--address", default=None, help="with --ray: a Ray cluster to join (default: a local one)")
@@ -538,22 +579,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /healthz (or COMPOSEKIT_API_KEY)")
-    s.add_argument("--max-batch", type=int, default=1,
-                   help="composite up to N requests together (default 1: off; responses equal the Python API's)")
-    s.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill (default 10)")
-    s.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MB (default 20)")
-    s.add_argument("--queue-size", type=int, default=32, help="waiting requests before 503 (default 32)")
-    s.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds (default 600)")
+    from composekit.apps.ray_serve import RaySettings
+    from composekit.apps.serve import ServeSettings
+
+    _settings_arguments(s, ServeSettings)
     s.add_argument("--ray", action="store_true",
                    help="serve as a Ray Serve deployment (replicas, autoscaling; needs ray[serve])")
     s.add_argument("--address", default=None, help="with --ray: a Ray cluster to join (default: a local one)")
-    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each holding the model (default 1)")
-    s.add_argument("--min-replicas", type=int, default=None, help="with --ray: autoscale from this many replicas")
-    s.add_argument("--max-replicas", type=int, default=None, help="with --ray: autoscale up to this many replicas")
-    s.add_argument("--gpus-per-replica", type=float, default=0, help="with --ray: GPUs per replica (default 0)")
-    s.add_argument("--cpus-per-replica", type=float, default=1,
-                   help="with --ray: CPUs per replica (default 1; Ray sets its threads to this unless --threads)")
+    _settings_arguments(s, RaySettings)
     s.set_defaults(func=_cmd_serve)
+
+    u = sub.add_parser("ui", help="a Gradio app to try composites with the mouse (needs the ui extra)",
+                       description="Load one model (or none: the classic method) and serve a Gradio app: upload an "
+                       "object and a background, click two corners of the box, run, download the PNG. Binds "
+                       "127.0.0.1 unless --host says otherwise.")
+    _model_arguments(u)
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    u.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require Gradio's login (or set COMPOSEKIT_UI_AUTH); use it when --host is not loopback")
+    u.set_defaults(func=_cmd_ui)
 
     e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")
     e.add_argument("--json", action="store_true")
@@ -584,11 +629,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
-    if args.command == "paste" and not args.box and not args.mask and getattr(args, "region", "box") == "box":
+    if args.command == "paste" and not args.box and not args.mask and getattr(args, "region", None) in (None, "box"):
         parser.error("paste needs --box or --mask")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return run_command(args, "composekit", "torch")
+
+
+# composekit's errors on the command line: (type, label, exit status), the first that matches.
+_EXITS = ((InputError, "error", EXIT_INPUT), (ModelError, "model error", EXIT_MODEL),
+          (BackendUnavailableError, "unavailable", EXIT_BACKEND), (ComposekitError, "error", EXIT_ERROR))
 
 
 def run_command(args: argparse.Namespace, prog: str, extra: str) -> int:
@@ -599,18 +649,10 @@ def run_command(args: argparse.Namespace, prog: str, extra: str) -> int:
     """
     try:
         return args.func(args)
-    except InputError as exc:
-        print(f"{prog}: error: {cli_words(str(exc))}", file=sys.stderr)
-        return EXIT_INPUT
-    except ModelError as exc:
-        print(f"{prog}: model error: {cli_words(str(exc))}", file=sys.stderr)
-        return EXIT_MODEL
-    except BackendUnavailableError as exc:
-        print(f"{prog}: unavailable: {cli_words(str(exc))}", file=sys.stderr)
-        return EXIT_BACKEND
     except ComposekitError as exc:
-        print(f"{prog}: error: {cli_words(str(exc))}", file=sys.stderr)
-        return EXIT_ERROR
+        label, code = next((label, code) for kind, label, code in _EXITS if isinstance(exc, kind))
+        print(f"{prog}: {label}: {cli_words(str(exc))}", file=sys.stderr)
+        return code
     except ModuleNotFoundError as exc:
         print(f"{prog}: this needs {exc.name!r}, which is not installed; {install_hint(extra)}", file=sys.stderr)
         return EXIT_BACKEND
@@ -634,8 +676,22 @@ def cli_words(message: str) -> str:
         return "--offline" if name == "local_files_only" else "--" + name.replace("_", "-")
 
     pattern = r"\b(" + "|".join(_FLAGS) + r")=(True|'([^']*)'|(\d[\d.]*))"
-    return re.sub(pattern, lambda m: flag(m.group(1)) if m.group(2) == "True"
-                  else f"{flag(m.group(1))} {m.group(3) if m.group(3) is not None else m.group(4)}", message)
+    message = re.sub(pattern, lambda m: flag(m.group(1)) if m.group(2) == "True"
+                     else f"{flag(m.group(1))} {m.group(3) if m.group(3) is not None else m.group(4)}", message)
+    # A message about one declared option or setting ("steps must be ...", "eta applies to ..."): its flag.
+    flags = _declared_flags()
+    return re.sub(r"^([a-z_]+) (must be|applies to)", lambda m: f"{flags[m.group(1)]} {m.group(2)}"
+                  if m.group(1) in flags else m.group(0), message)
+
+
+def _declared_flags() -> dict[str, str]:
+    """name -> CLI flag of every declared option and setting (composekit.core.options)."""
+    from composekit.apps.ray_serve import RaySettings
+    from composekit.apps.serve import ServeSettings
+    from composekit.core.options import SEED, PasteOptions
+
+    specs = {**PasteOptions.specs(), **ServeSettings.specs(), **RaySettings.specs(), "seed": SEED, "threads": THREADS}
+    return {name: spec.cli_flag for name, spec in specs.items()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configs import SCHEMAS, check, inside, read_json, regular_file
-from .errors import ModelError
-from .specs import COMPONENT_NAMES, OPTIONAL_COMPONENTS, ComponentSpec, ModelDims, component_specs
+from composekit.core.specs import (
+    COMPONENT_NAMES,
+    OPTIONAL_COMPONENTS,
+    ComponentSpec,
+    ModelDims,
+    component_specs,
+)
+from composekit.errors import ModelError
+from composekit.formats.safe_json import SCHEMAS, check, inside, read_json, regular_file
 
 __all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file"]
 
@@ -39,7 +45,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _inside(root: Path, name: str) -> Path:
-    """``root / name`` inside the export directory (see :func:`composekit.configs.inside`)."""
+    """``root / name`` inside the export directory (see :func:`composekit.formats.safe_json.inside`)."""
     return inside(root, name, "file", "export directory")
 
 

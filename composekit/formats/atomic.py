@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InputError
+from composekit.errors import InputError
 
 __all__ = ["IMAGE_FORMATS", "atomic_file", "save_image_atomic", "atomic_directory", "check_output_path"]
 

@@ -1,0 +1,1 @@
+"""The method: options, scheduler, sampler, geometry, preprocessing, the classic method, component specs."""
