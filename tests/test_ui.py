@@ -141,3 +141,9 @@ def test_a_bad_upload_shows_the_typed_message(demo, tmp_path):
         text = page.locator("#status").inner_text()
         page.screenshot(path=str(tmp_path / "error.png"))
     assert "not a readable image" in text and "Traceback" not in text
+
+
+def test_import_composekit_imports_no_gradio():
+    code = "import sys, composekit, composekit.apps.cli; print(any(m.split('.')[0] == 'gradio' for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
