@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gradient_background, noise_object
 
 from composekit import Compositor, InputError
-from conftest import gradient_background, noise_object
 
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parent.parent

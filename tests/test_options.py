@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from composekit import ClassicOptions, Compositor, GenerativeOptions, InputError
-from composekit.core.options import SEED, PasteOptions, Spec, check_integer, check_number, options_table, resolve
+from composekit.core.options import (
+    SEED,
+    PasteOptions,
+    Spec,
+    check_integer,
+    check_number,
+    options_table,
+    resolve,
+)
 from composekit.core.scheduler import DDIMScheduler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -225,15 +225,20 @@ def test_malformed_requests_and_the_api_key(tiny_model_dir):
         status, headers, _ = paste(url, 0, headers=auth, model="/etc", backend="onnxruntime")
         assert status == 200 and headers["x-composekit-method"] == "generative"
         assert call(url, "/healthz")[0] == 200  # still healthy after all of that
-        # The key: every endpoint but /healthz.
-        for path in ("/readyz", "/metrics", "/docs", "/openapi.json"):
+        # The key: every endpoint but /healthz and the API's description (the docs page loads the schema
+        # before anyone can type a key into it).
+        for path in ("/readyz", "/metrics"):
             assert call(url, path)[0] == 401, path
             assert call(url, path, headers={"Authorization": "Bearer wrong-key-000"})[0] == 401, path
             assert call(url, path, headers=auth)[0] == 200, path
         status, headers, body = paste(url, 0)
         assert status == 401 and headers.get("www-authenticate") == "Bearer"
-        spec = json.loads(call(url, "/openapi.json", headers=auth)[2])
+        assert call(url, "/docs")[0] == 200
+        spec = json.loads(call(url, "/openapi.json")[2])
         assert "/v1/paste" in spec["paths"]
+        schemes = spec["components"]["securitySchemes"]  # the docs page's "Authorize" sends the bearer key
+        assert any(s.get("scheme") == "bearer" for s in schemes.values())
+        assert spec["paths"]["/v1/paste"]["post"]["security"]
 
 
 def test_queue_limit_and_timeout(tiny_model_dir):
@@ -268,3 +273,46 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         assert json.loads(late[2])["error"]["type"] == "ShuttingDown"
         # uvicorn re-raises the signal once it has shut down gracefully, so the status is -SIGTERM.
         assert proc.wait(60) in (0, -signal.SIGTERM)
+
+
+def test_red_team_findings_get_clear_bounded_answers(tiny_model_dir, tmp_path):
+    # Findings of the service's red team (numbers as in its issue) that fail without the fixes.
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, _):
+        # 2. eta above 1 is refused as input (422), not a 500 with a float16 hint on a float32 server.
+        status, _, body = paste(url, 0, eta="1.01")
+        assert status == 422 and b"eta must be a number in 0..1" in body, body
+        # 5. FastAPI's and Starlette's own errors in the one envelope, counted.
+        for method, path, code in (("GET", "/nowhere", 404), ("GET", "/v1/paste", 405)):
+            status, _, body = call(url, path, method=method)
+            assert status == code and json.loads(body)["error"]["type"] in ("NotFound", "MethodNotAllowed"), body
+        req = urllib.request.Request(url + "/v1/paste", data=b"x", method="POST",
+                                     headers={"Content-Type": "multipart/form-data"})  # no boundary
+        try:
+            urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        assert status == 400 and "error" in json.loads(body), body
+        metrics = call(url, "/metrics")[2].decode()
+        assert 'composekit_requests_total{endpoint="other",status="404"} 1.0' in metrics
+        assert 'composekit_requests_total{endpoint="/v1/paste",status="405"} 1.0' in metrics
+        # 8. Accept: q=0 excludes, types are case-insensitive, parameters may have spaces, q=inf is ignored.
+        for accept, media in (("image/webp;q=0", "image/png"), ("IMAGE/JPEG", "image/jpeg"),
+                              ("image/jpeg ; q=0.9", "image/jpeg"), ("image/webp;q=inf", "image/png")):
+            status, headers, _ = paste(url, 0, headers={"Accept": accept})
+            assert status == 200 and headers["content-type"] == media, (accept, headers["content-type"])
+        status, _, body = paste(url, 0, headers={"Accept": "image/png;q=0, image/jpeg;q=0, image/webp;q=0"})
+        assert status == 406 and json.loads(body)["error"]["type"] == "NotAcceptable"
+        # 9. Bad input is not echoed back at length; numbers are plain ASCII digits.
+        status, headers, body = paste(url, 0, box="1" * 1_000_000)
+        assert status == 400 and len(body) < 1000, (status, len(body))
+        status, headers, body = paste(url, "9" * 4000)
+        assert status == 400 and len(body) < 1000 and not any("9" * 100 in v for v in headers.values())
+        for text in ("\u0664\u0660", "1_0", " 3 "):
+            status, _, body = paste(url, 0, steps=text)
+            assert status == 400 and b"steps must be an integer" in body, (text, body)
+        # 12. A truncated PNG is called truncated (415), not "malformed EXIF".
+        status, _, body = call(url, "/v1/paste", {"box": BOX}, {"object": OBJ, "background": truncated})
+        assert status == 415 and b"truncated" in body and b"EXIF" not in body, body

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future
@@ -274,7 +275,7 @@ class _Guard:
         if path != "/healthz" and self.state.draining:
             early = _error(503, "ShuttingDown", "the server is shutting down; retry on another instance",
                            {"Retry-After": "5"})
-        elif path != "/healthz" and self.settings.api_key is not None:
+        elif path not in _PUBLIC and self.settings.api_key is not None:
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.settings.api_key.encode()):
@@ -322,6 +323,11 @@ class _Guard:
 
 
 _ENDPOINTS = ("/v1/paste", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+# Answered without the API key: liveness, and the API's description (the docs page must load the schema
+# before a user can enter a key in it; neither tells anything about the model or its inputs).
+_PUBLIC = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+_KINDS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 406: "NotAcceptable",
+          413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "InvalidInput", 503: "Unavailable"}
 
 
 class _BadRequest(Exception):
@@ -373,9 +379,11 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
     Serve replica passes itself (``alive()`` and ``async composite(job)``, batching through
     ``@serve.batch``).
     """
-    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from fastapi.security import HTTPBearer
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from composekit import __version__
     from composekit.formats.images import load_picture
@@ -403,6 +411,18 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
 
     api = FastAPI(title="composekit", version=__version__, lifespan=lifespan,
                   description="Generative object compositing with an exact-background guarantee.")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's and Starlette's own errors (404, 405, a multipart body that cannot be parsed, ...) in the
+        same envelope as composekit's, and counted."""
+        status = exc.status_code
+        state.metrics.requests.labels(request.url.path if request.url.path in _ENDPOINTS else "other",
+                                      str(status)).inc()
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)[:300]
+        if status == 400:
+            detail = f"malformed request: {detail}. Send a multipart form with files 'object' and 'background'"
+        return _error(status, _KINDS.get(status, "HTTPError"), detail[:500], getattr(exc, "headers", None))
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -464,7 +484,10 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
                             default=Form(None, description=text)) for name, (text, _) in fields.items()),
     ])
-    api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})(paste)
+    # The bearer scheme is declared in the schema (the docs page's "Authorize"); the guard checks the key.
+    bearer = [Depends(HTTPBearer(auto_error=False))] if settings.api_key is not None else []
+    api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+             dependencies=bearer)(paste)
 
     async def _paste(request: Any, object_file: Any, background_file: Any, mask_file: Any,
                      form: dict[str, str | None]) -> Response:
@@ -496,6 +519,9 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
             code, kind = _status_for(exc)
             return _error(code, kind, str(exc))
         media = _negotiate(request.headers.get("accept", ""))
+        if media is None:
+            return _error(406, "NotAcceptable", f"the Accept header excludes every type this server answers with "
+                          f"({', '.join(FORMATS)}); accept one of them")
         buf = io.BytesIO()
         image = result.image
         if FORMATS[media] == "JPEG" and image.mode not in ("RGB", "L"):
@@ -513,22 +539,45 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
     return _Guard(api, state, settings)
 
 
-def _negotiate(accept: str) -> str:
-    """The first image type of ours the Accept header names (by order and q), else PNG."""
-    best, best_q = "image/png", -1.0
-    for i, part in enumerate(accept.split(",")):
-        kind, _, params = part.strip().partition(";")
-        q = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if kind in FORMATS and q > best_q:
-            best, best_q = kind, q
-    return best
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110's qvalue: 0..1, at most 3 decimals
+
+
+def _negotiate(accept: str) -> str | None:
+    """The image type to answer with for an ``Accept`` header (RFC 9110): media types case-insensitive,
+    parameters and spaces allowed, ``q`` in 0..1 (an entry with a malformed ``q`` such as ``inf`` is
+    ignored, ``q=0`` excludes), an exact type before ``image/*`` before ``*/*``; the highest q wins, ties
+    by the header's order. No header, or none of ours and no wildcard: PNG. None when every one of
+    ours is excluded (answered 406)."""
+    if not accept.strip():
+        return "image/png"
+    quality: dict[str, tuple[int, float, int]] = {}  # media range -> (specificity, q, position)
+    for position, part in enumerate(accept.split(",")[:64]):
+        kind, *params = (p.strip() for p in part.split(";"))
+        kind = kind.lower()
+        q: float | None = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                value = value.strip()
+                q = float(value) if _QVALUE.fullmatch(value) else None
+        if q is None or not kind:
+            continue
+        quality[kind] = (2 if kind in FORMATS else 1 if kind == "image/*" else 0, q, position)
+    ranked, excluded = [], set()
+    for preference, media in enumerate(FORMATS):  # PNG first on ties
+        for key in (media, "image/*", "*/*"):
+            if key in quality:
+                _, q, position = quality[key]
+                if q > 0:
+                    ranked.append((q, -position, -preference, media))
+                else:
+                    excluded.add(media)
+                break
+    if ranked:
+        return max(ranked)[-1]
+    # Nothing of ours asked for: the first type not explicitly excluded (a server may disregard Accept, but
+    # never sends what the client excluded).
+    return next((media for media in FORMATS if media not in excluded), None)
 
 
 def run(compositor: Any, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,

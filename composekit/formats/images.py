@@ -96,8 +96,8 @@ def _open(data: Any, what: str) -> Image.Image:
                     "composekit.formats.images.set_max_pixels(N)"
                 )
             img.seek(0)
+            img.load()  # decode first: a truncated file is reported as such, not as bad EXIF
             img = _exif_transpose(img, label)
-            img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
             f"{label} is over the limit Pillow allows ({exc}); refused before decoding. If you trust it, raise "
@@ -105,6 +105,9 @@ def _open(data: Any, what: str) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = re.sub(r" <[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
+        if "truncated" in reason:
+            raise InputError(f"{label} is not a readable image: it is truncated (the file ends before its image "
+                             f"data does: {reason}); re-save or re-download it") from None
         raise InputError(
             f"{label} is not a readable image in an allowed format {ALLOWED_FORMATS}: {reason}"
         ) from None
