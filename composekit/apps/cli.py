@@ -359,8 +359,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"wrote {paths['generative']} with a tiny random model ({paths['model']}): random weights show the "
               "mechanics, not quality")
     box = ",".join(map(str, DEMO_BOX))
-    print("For a generative composite with the published Paint-by-Example weights (~5 GB, downloaded once), install "
-          f"the torch extra ({install_hint('torch')}), then:\n"
+    print("For a generative composite with the published Paint-by-Example weights (~5 GB, downloaded once): "
+          f"{install_hint('torch')}; then\n"
           f"  composekit paste {paths['object']} {paths['background']} --box {box} -o out.png "
           "--model Fantasy-Studio/Paint-by-Example")
     return EXIT_OK
