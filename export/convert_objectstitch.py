@@ -2,7 +2,7 @@
 
 Input: the checkpoint (a pickled dict holding ``state_dict``; a ``.safetensors`` state dict is
 accepted too) and the CLIP ViT-L/14 folder BCMI ships beside it (``config.json`` +
-weights). Output: an ``ObjectStitchPipeline`` model directory (see ``composekit/loading.py``)
+weights). Output: an ``ObjectStitchPipeline`` model directory (see ``composekit/formats/model_source.py``)
 with a ``mapper`` content adaptor, loadable by ``Compositor.from_pretrained``.
 
 Key mapping:
