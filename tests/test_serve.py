@@ -316,3 +316,49 @@ def test_red_team_findings_get_clear_bounded_answers(tiny_model_dir, tmp_path):
         # 12. A truncated PNG is called truncated (415), not "malformed EXIF".
         status, _, body = call(url, "/v1/paste", {"box": BOX}, {"object": OBJ, "background": truncated})
         assert status == 415 and b"truncated" in body and b"EXIF" not in body, body
+
+
+def _abandoned(url):
+    text = call(url, "/metrics")[2].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("composekit_abandoned_total{"))
+
+
+def test_timed_out_requests_free_their_slots_at_once(tiny_model_dir):
+    # Finding 3: with --queue-size 2 --timeout 2, three long requests time out (504); a request right after them
+    # must be taken (their waiting slots are free, the running one stops between steps), not refused with 503.
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--queue-size", 2, "--timeout", 2) as (url, _):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            running = pool.submit(paste, url, 0, steps=900)
+            time.sleep(0.5)  # the first is running; the next two wait in the two slots
+            waiting = list(pool.map(lambda i: paste(url, i, steps=900), (1, 2)))
+            codes = sorted([running.result()[0]] + [a[0] for a in waiting])
+        assert codes == [504, 504, 504], codes
+        status, _, body = paste(url, 0, steps=2)
+        assert status == 200, body[:300]
+        deadline = time.monotonic() + 30
+        while _abandoned(url) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _abandoned(url) == 3  # two dropped while queued, one stopped while running
+
+
+def test_a_client_that_leaves_does_not_cost_the_next_one(tiny_model_dir):
+    # Finding 4: requests whose client disconnected are dropped (queued) or stopped between steps (running),
+    # never computed to the end: after 4 abandoned long requests the server is free again.
+    body, ctype = form({"box": BOX, "seed": 0, "steps": 900}, {"object": OBJ, "background": BG})
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /v1/paste HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + ctype.encode() +
+                          b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                time.sleep(0.3)  # the request is in; the client goes away before the answer
+        deadline = time.monotonic() + 60
+        while _abandoned(url) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _abandoned(url) == 4
+        status, _, text = paste(url, 0, steps=2)
+        assert status == 200, text[:300]
+        metrics = call(url, "/metrics")[2].decode()
+        assert 'composekit_requests_total{endpoint="/v1/paste",status="200"} 1.0' in metrics
+        assert 'composekit_requests_total{endpoint="/v1/paste",status="499"} 4.0' in metrics  # counted as left

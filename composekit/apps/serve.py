@@ -88,6 +88,8 @@ class _Job:
     options: dict[str, Any]
     future: Future = field(default_factory=Future)
     batch_size: int = 1
+    abandoned: threading.Event = field(default_factory=threading.Event)  # its request timed out or left
+    waiting: bool = False  # counted in the worker's queue room
 
     @property
     def key(self) -> str:
@@ -100,15 +102,32 @@ class _ServeWorker:
 
     def __init__(self, compositor: Any, settings: ServeSettings, metrics: "_Metrics") -> None:
         self.compositor, self.settings, self.metrics = compositor, settings, metrics
-        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.queue_size)
+        # Unbounded: the room is counted in `waiting`, which a request leaves at once when it times out or its
+        # client goes away (its job, still in the queue, is dropped unrun when the worker reaches it).
+        self.queue: queue.Queue[_Job | None] = queue.Queue()
+        self.waiting = 0
+        self.lock = threading.Lock()
         self.pending: list[_Job] = []  # taken from the queue but waiting for a batch with their options
         self.thread = threading.Thread(target=self._loop, name="composekit-worker", daemon=True)
         self.thread.start()
 
     def submit(self, job: _Job) -> Future:
-        self.queue.put_nowait(job)  # raises queue.Full
-        self.metrics.queue_depth.set(self.queue.qsize())
+        with self.lock:
+            if self.waiting >= self.settings.queue_size:
+                raise queue.Full
+            self.waiting += 1
+            job.waiting = True
+            self.metrics.queue_depth.set(self.waiting)
+        self.queue.put_nowait(job)
         return job.future
+
+    def _leave(self, job: _Job) -> None:
+        """``job`` no longer waits (it started, or its request gave up): its room is free."""
+        with self.lock:
+            if job.waiting:
+                job.waiting = False
+                self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the thread."""
@@ -147,16 +166,20 @@ class _ServeWorker:
                         stopping = True
                         break
                     (batch if more.key == first.key else self.pending).append(more)
-            self.metrics.queue_depth.set(self.queue.qsize() + len(self.pending))
             self._run(batch)
 
     def _run(self, batch: list[_Job]) -> None:
-        # Jobs whose request timed out (their future was cancelled) are dropped before any work.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        # Jobs whose request gave up (their future was cancelled) are dropped before any work.
+        started = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        for job in batch:
+            self._leave(job)
+        batch = started
         if not batch:
             return
         self.metrics.batch_size.observe(len(batch))
         for job, result in zip(batch, run_jobs(self.compositor, batch)):
+            if isinstance(result, Abandoned):
+                self.metrics.abandoned.labels("running").inc()
             if isinstance(result, BaseException):
                 job.future.set_exception(result)
             else:
@@ -174,7 +197,12 @@ class _ServeWorker:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.cancel()  # a timed-out request: dropped unrun if still queued
+            # The request timed out or its client left: dropped unrun if still queued (its room freed now);
+            # if running, the sampler stops at its next step once every job of its batch is abandoned.
+            job.abandoned.set()
+            if future.cancel():
+                self._leave(job)
+                self.metrics.abandoned.labels("queued").inc()
             raise
 
 
@@ -182,20 +210,29 @@ class QueueFull(Exception):
     """No room for another request (answered 503 with Retry-After)."""
 
 
+class Abandoned(ComposekitError):
+    """Every request of a running batch gave up: the sampler was stopped between steps."""
+
+
 def run_jobs(compositor: Any, batch: list[_Job]) -> list[Any]:
     """Composite jobs that share their options: one ``paste`` for one job (the Python API's bytes), else
     one ``paste_batch``. Returns a result or an exception per job, and records the batch size on each."""
+    def stop_if_abandoned(step: int, timestep: int, latents: Any) -> None:
+        if all(job.abandoned.is_set() for job in batch):
+            raise Abandoned(f"every request of this batch gave up; stopped after step {step + 1}")
+
     try:
         if len(batch) == 1:
             job = batch[0]
             results: list[Any] = [compositor.paste(job.images["object"], job.images["background"], job.box,
                                                    mask=job.images.get("mask"), seed=job.seed, progress=False,
-                                                   **job.options)]
+                                                   callback=stop_if_abandoned, **job.options)]
         else:
             jobs = [{"object": j.images["object"], "background": j.images["background"], "box": j.box,
                      "mask": j.images.get("mask"), "seed": j.seed} for j in batch]
-            results = compositor.paste_batch(jobs, batch_size=len(batch), **batch[0].options)
-    except BaseException as exc:  # a whole-batch failure (bad options, a bug): every job gets it
+            results = compositor.paste_batch(jobs, batch_size=len(batch), callback=stop_if_abandoned,
+                                             **batch[0].options)
+    except BaseException as exc:  # a whole-batch failure (bad options, a bug, all abandoned): every job gets it
         results = [exc] * len(batch)
     for job in batch:
         job.batch_size = len(batch)
@@ -224,6 +261,9 @@ class _Metrics:
                                  registry=self.registry)
         self.batch_size = Histogram("composekit_batch_size", "Composites run together",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.abandoned = Counter("composekit_abandoned", "Composites whose request timed out or whose client left: "
+                                 "dropped while queued, or stopped between steps while running", ["stage"],
+                                 registry=self.registry)
 
     def text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -350,6 +390,16 @@ def _form_fields() -> dict[str, tuple[str, Any]]:
             only = "" if len(spec.methods) > 1 else f"{spec.methods[0]} method: "
             fields[name] = (only + spec.describe(), spec.from_text)
     return fields
+
+
+async def _watch_client(request: Any, task: Any, gone: asyncio.Event, every_s: float = 0.25) -> None:
+    """Cancel ``task`` (the request's composite) when the client disconnects before it is done."""
+    while not task.done():
+        if await request.is_disconnected():
+            gone.set()
+            task.cancel()
+            return
+        await asyncio.sleep(every_s)
 
 
 def _status_for(exc: ComposekitError) -> tuple[int, str]:
@@ -508,8 +558,15 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         if box is None and "mask" not in images:
             return _error(400, "BadRequest", "give a field 'box' (x0,y0,x1,y1) or a file 'mask'")
         job = _Job(images, box, seed, options)
+        task = asyncio.ensure_future(state.worker.composite(job))
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_watch_client(request, task, gone))
         try:
-            result = await asyncio.wait_for(state.worker.composite(job), timeout=settings.timeout_s)
+            result = await asyncio.wait_for(task, timeout=settings.timeout_s)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise  # the server itself is cancelling this handler
+            return _error(499, "ClientClosedRequest", "the client closed the connection; the composite was dropped")
         except QueueFull as exc:
             return _error(503, "QueueFull", str(exc), {"Retry-After": "1"})
         except asyncio.TimeoutError:
@@ -518,6 +575,8 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         except ComposekitError as exc:
             code, kind = _status_for(exc)
             return _error(code, kind, str(exc))
+        finally:
+            watcher.cancel()
         media = _negotiate(request.headers.get("accept", ""))
         if media is None:
             return _error(406, "NotAcceptable", f"the Accept header excludes every type this server answers with "
