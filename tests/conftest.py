@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -90,3 +97,40 @@ def assert_batch_matches_one_by_one(comp, jobs, results, **options):
         one = comp.paste(job["object"], job["background"], job["box"], seed=job["seed"], progress=False, **options)
         assert np.abs(np.asarray(one.image, np.int16) - np.asarray(r.image, np.int16)).max() <= 1
         np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(job["background"])[~r.mask])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def composekit_process(command: str, port: int, *args, env=None, wait_s: float = 180):
+    """Run `composekit COMMAND --port PORT ARGS...` until it says "listening on"; yield the process (its stderr
+    lines so far in ``proc.log_lines``); stop it afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "composekit", command, "--port", str(port), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    proc.log_lines = lines
+    try:
+        if not ready.wait(wait_s):
+            raise AssertionError(f"composekit {command} did not start: {''.join(lines)}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

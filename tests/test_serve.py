@@ -9,12 +9,9 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,7 +21,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import gradient_background, noise_object
+from conftest import composekit_process, gradient_background, noise_object
 from PIL import Image
 
 from composekit import Compositor
@@ -57,31 +54,8 @@ def _free_port() -> int:
 def serving(*args, env=None):
     """Start `composekit serve` on a free loopback port; yield (base url, process); stop it afterwards."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "composekit", "serve", "--port", str(port), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    proc.log_lines = lines  # what the server wrote to stderr so far
-    try:
-        if not ready.wait(120):
-            raise AssertionError(f"server did not start: {''.join(lines)}")
+    with composekit_process("serve", port, *args, env=env, wait_s=120) as proc:
         yield f"http://127.0.0.1:{port}", proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def form(fields: dict, files: dict) -> tuple[bytes, str]:

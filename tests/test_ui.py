@@ -8,15 +8,13 @@ options and seed, bit for bit; a bad upload shows composekit's typed message, no
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
+from conftest import composekit_process, free_port
 from PIL import Image
 
 from composekit import Compositor
@@ -41,31 +39,10 @@ def demo(tmp_path_factory):
 
 @contextlib.contextmanager
 def ui_server(*args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
-    proc = subprocess.Popen([sys.executable, "-m", "composekit", "ui", "--port", str(port), *map(str, args)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(180), "".join(lines)
-        yield f"http://127.0.0.1:{port}/", lines
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    port = free_port()
+    env = {"GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
+    with composekit_process("ui", port, *args, env=env) as proc:
+        yield f"http://127.0.0.1:{port}/", proc.log_lines
 
 
 @contextlib.contextmanager
