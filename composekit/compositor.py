@@ -241,7 +241,6 @@ class Compositor:
         method, opts = self._options(method, options, option_values)
         if method == "classic" and seed is not None:
             raise InputError(not_for_method("seed", "classic"))
-        seed = _seed(seed)
 
         bg = load_picture(background, "background")
         objects, boxes, masks = _jobs(obj, box, mask)
@@ -252,23 +251,27 @@ class Compositor:
             ob = load_picture(item, "object" if len(objects) == 1 else f"object {i}")
             require_visible(ob.alpha)
             pictures.append(ob)
-        seeds = [seed] + [_derived_seed(seed, i) for i in range(1, len(objects))]
+        if method == "generative":  # the classic method draws no noise: no seeds
+            seed = _seed(seed)
+            seeds = [seed] + [_derived_seed(seed, i) for i in range(1, len(objects))]
+        else:
+            seeds = []
         regions = [_object_region(ob, b, m, bg, opts) for ob, b, m in zip(pictures, boxes, masks)]
 
         rgb = bg.rgb
         changes = []
         timings: dict[str, float] = {}
-        for ob, (region_box, region_mask), object_seed in zip(pictures, regions, seeds):
+        for i, (ob, (region_box, region_mask)) in enumerate(zip(pictures, regions)):
             if method == "classic":
                 rgb, changed, stage = self._classic(rgb, ob, region_box, region_mask, opts)
             else:
-                rgb, changed, stage = self._generate(rgb, ob, region_box, region_mask, object_seed, opts, latents,
+                rgb, changed, stage = self._generate(rgb, ob, region_box, region_mask, seeds[i], opts, latents,
                                                      callback)
             changes.append((region_box, changed))
             for key, value in stage.items():
                 timings[key] = timings.get(key, 0.0) + value
         timings["total"] = time.perf_counter() - start
-        return _composite_result(bg, rgb, changes, seeds if method == "generative" else [], method, opts, timings)
+        return _composite_result(bg, rgb, changes, seeds, method, opts, timings)
 
     def _options(self, method: str | None, options: Any, given: dict[str, Any]) -> tuple[str, PasteOptions]:
         """The method and its validated options, from ``options=`` or from the keyword values as passed."""

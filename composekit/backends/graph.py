@@ -54,12 +54,13 @@ class GraphBackend:
     def _run(self, component: str, inputs: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
-    def _open_export(self, manifest: Any, components: tuple[str, ...], read: Callable[[Path], Any],
+    def _open_export(self, manifest: Any, components: tuple[str, ...], read: Callable[[str, Path], Any],
                      io: Callable[[Any], tuple[list, list]], runtime: str,
                      path_of: Callable[[str], Path] | None = None, source: Path | None = None) -> dict[str, Any]:
         """Set what the export's manifest says (specs, precision, card) and read each component's graph with
-        ``read``, after its external data is checked and before its inputs and outputs are checked (``io``:
-        the graph's (inputs, outputs) as :func:`check_graph_io` takes them). Returns the graphs by name.
+        ``read(component, path)``, after its external data is checked and before its inputs and outputs are
+        checked (``io``: the graph's (inputs, outputs) as :func:`check_graph_io` takes them). Returns the graphs
+        by name.
 
         ``path_of(component)`` is where a component's file is (default: the export's ONNX graph; TensorRT
         passes its engines', checked against their sidecars first); ``source`` the directory loaded."""
@@ -74,7 +75,7 @@ class GraphBackend:
             if path.suffix == ".onnx":
                 check_external_data(path, manifest.root)
             try:
-                graphs[name] = read(path)
+                graphs[name] = read(name, path)
             except ComposekitError:
                 raise
             except Exception as exc:  # each runtime raises its own exception types

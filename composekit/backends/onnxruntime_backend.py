@@ -92,7 +92,7 @@ class OnnxRuntimeBackend(GraphBackend):
         self.arrays = arrays or ArrayModule("cpu")
         self.io_binding = io_binding
         self.sessions = self._open_export(
-            manifest, components, lambda path: ort.InferenceSession(str(path), sess_options=session_options,
+            manifest, components, lambda _, path: ort.InferenceSession(str(path), sess_options=session_options,
                                                                     providers=providers),
             lambda session: (_io(session.get_inputs()), _io(session.get_outputs())), "onnxruntime")
         self.providers = self.sessions["unet"].get_providers()

@@ -73,7 +73,7 @@ class OpenVINOBackend(GraphBackend):
                  components: tuple[str, ...] = COMPONENT_NAMES) -> None:
         self.core, self.device, self.config = core, device, config
         self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
-        self.models = self._open_export(manifest, components, lambda path: core.read_model(str(path)),
+        self.models = self._open_export(manifest, components, lambda _, path: core.read_model(str(path)),
                                         lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO")
         self.compiled: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()

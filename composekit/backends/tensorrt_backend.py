@@ -67,11 +67,10 @@ class TensorRTBackend(GraphBackend):
         self.precision = engine_dir.manifest.precision
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
 
-        def read(path: Path) -> Any:
+        def read(name: str, path: Path) -> Any:
             # Sidecar and compatibility checks before the bytes reach TensorRT.
             sidecar = check_engine(path, tensorrt_version=str(trt.__version__), gpu_name=gpu[0],
                                    compute_capability=gpu[1], verify_hash=verify_engines)
-            name = next(n for n in COMPONENT_NAMES if engine_dir.path(n) == path)
             if sidecar.component != name:
                 raise ModelError(f"{path}: its sidecar describes component {sidecar.component!r}, not {name!r}")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
