@@ -292,10 +292,25 @@ def test_red_team_findings_get_clear_bounded_answers(tiny_model_dir, tmp_path):
         assert status == 415 and b"truncated" in body and b"EXIF" not in body, body
 
 
-def _abandoned(url):
+def _metric(url, prefix):
     text = call(url, "/metrics")[2].decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("composekit_abandoned_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def _taken(url):
+    """Composites the worker has started plus those waiting in the queue."""
+    return _metric(url, "composekit_batch_size_count") + _metric(url, "composekit_queue_depth ")
+
+
+def _wait_for(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.05)
+
+
+def _abandoned(url):
+    return _metric(url, "composekit_abandoned_total{")
 
 
 def test_timed_out_requests_free_their_slots_at_once(tiny_model_dir):
@@ -304,7 +319,7 @@ def test_timed_out_requests_free_their_slots_at_once(tiny_model_dir):
     with serving("--model", tiny_model_dir, "--device", "cpu", "--queue-size", 2, "--timeout", 2) as (url, _):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             running = pool.submit(paste, url, 0, steps=900)
-            time.sleep(0.5)  # the first is running; the next two wait in the two slots
+            _wait_for(lambda: _taken(url) == 1)  # the first is running; the next two wait in the two slots
             waiting = list(pool.map(lambda i: paste(url, i, steps=900), (1, 2)))
             codes = sorted([running.result()[0]] + [a[0] for a in waiting])
         assert codes == [504, 504, 504], codes
@@ -322,11 +337,14 @@ def test_a_client_that_leaves_does_not_cost_the_next_one(tiny_model_dir):
     body, ctype = form({"box": BOX, "seed": 0, "steps": 900}, {"object": OBJ, "background": BG})
     with serving("--model", tiny_model_dir, "--device", "cpu") as (url, _):
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(4):
+        for k in range(4):
+            _wait_for(lambda: _abandoned(url) == k)  # the earlier ones are all counted: nothing else moves
+            taken = _taken(url)
             with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
                 s.sendall(b"POST /v1/paste HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + ctype.encode() +
                           b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                time.sleep(0.3)  # the request is in; the client goes away before the answer
+                # the client goes away once the server has taken the request, before the answer
+                _wait_for(lambda: _taken(url) > taken)
         deadline = time.monotonic() + 60
         while _abandoned(url) < 4 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -61,11 +61,12 @@ def _upload_and_click_box(page, demo, background="background.png"):
     image = page.locator("#background-view img")
     image.wait_for(timeout=60_000)
     area = image.bounding_box()
-    for fx, fy in ((0.72, 0.38), (0.52, 0.6)):  # two corners, in either order
-        page.mouse.click(area["x"] + area["width"] * fx, area["y"] + area["height"] * fy)
-        page.wait_for_timeout(500)
     box_field = page.locator("#box textarea, #box input").first
-    page.wait_for_function("el => el.value.split(',').length == 4", arg=box_field.element_handle(), timeout=30_000)
+    # Two corners, in either order; each click is waited for by what it shows (the first: a one-pixel box).
+    for fx, fy, check in ((0.72, 0.38, "v => v[2] - v[0] == 1"), (0.52, 0.6, "v => v[2] - v[0] > 1")):
+        page.mouse.click(area["x"] + area["width"] * fx, area["y"] + area["height"] * fy)
+        page.wait_for_function(f"el => {{ const v = el.value.split(',').map(Number); return v.length == 4 && "
+                               f"({check})(v); }}", arg=box_field.element_handle(), timeout=30_000)
     return tuple(int(v) for v in box_field.input_value().split(","))
 
 

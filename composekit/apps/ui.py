@@ -54,8 +54,9 @@ def _control(gr: Any, spec: Spec) -> Any:
 
 
 def _box_text(clicks: list[list[int]]) -> str:
-    """The box through two clicked corners (any order), as "x0,y0,x1,y1" with x1, y1 exclusive."""
-    (ax, ay), (bx, by) = clicks
+    """The box through two clicked corners (any order), as "x0,y0,x1,y1" with x1, y1 exclusive; after the first
+    click, the one-pixel box at that corner (so the field shows the click was taken)."""
+    (ax, ay), (bx, by) = clicks if len(clicks) == 2 else clicks * 2
     return f"{min(ax, bx)},{min(ay, by)},{max(ax, bx) + 1},{max(ay, by) + 1}"
 
 
@@ -121,7 +122,7 @@ def build_app(compositor: Any, examples: list[list[str]] | None = None) -> Any:
 
         def clicked(points: list, event: gr.SelectData) -> tuple[list, str | Any]:
             points = [*points, [int(event.index[0]), int(event.index[1])]][-2:]
-            return points, _box_text(points) if len(points) == 2 else gr.update()
+            return points, _box_text(points)
 
         def composite(obj_path: str | None, bg_path: str | None, box_text: str, seed_text: str, *values: Any,
                       progress: Any = gr.Progress()) -> tuple[Any, str, Any]:
