@@ -237,7 +237,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_dir):
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault("answer", paste(url, 3, steps=250)))
         slow.start()
-        time.sleep(1.0)
+        _wait_for(lambda: _taken(url) == 1)  # the slow request is in flight
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         late = paste(url, 1, timeout=10) if proc.poll() is None else None
