@@ -298,6 +298,11 @@ class Compositor:
                 raise InputError(f"decode='region' needs a decoder that takes any latent size; the "
                                  f"{self.backend.name} backend's exported decoder has a fixed size. Use "
                                  "decode='window' or backend='torch'")
+            if options.cache_interval > 1 and not self.backend.info.feature_cache:
+                raise InputError(f"cache_interval={options.cache_interval} needs the U-Net's shallow pass, which "
+                                 f"{self.backend.info.source} lacks (an export made before feature caching, or a "
+                                 "U-Net that cannot be split). Re-export it with `composekit-export onnx` (and "
+                                 "rebuild engines), or use cache_interval=1")
             limit = self.scheduler.max_steps()
             if options.steps > limit:
                 raise InputError(f"steps={options.steps} is more than this model's schedule allows ({limit}); "

@@ -156,7 +156,7 @@ def _check_one(module, spec: ComponentSpec, path: Path, float_dtype: str) -> flo
     import onnxruntime as ort
     import torch
 
-    inputs = spec.sample_inputs(float_dtype, batch=2 if spec.name == "unet" else 1, seed=1)
+    inputs = spec.sample_inputs(float_dtype, batch=2 if spec.name.startswith("unet") else 1, seed=1)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, inputs)
     def as_ref(a: np.ndarray):
@@ -219,7 +219,8 @@ def export_onnx(
         probe, _ = backend.encode_object(np.zeros((1, 3, 224, 224), np.float32))
     dims = ModelDims(model_size=info.model_size, vae_scale_factor=info.vae_scale_factor,
                      latent_channels=info.latent_channels, unet_in_channels=info.unet_in_channels,
-                     context_tokens=int(probe.shape[1]), context_dim=int(probe.shape[2]))
+                     context_tokens=int(probe.shape[1]), context_dim=int(probe.shape[2]),
+                     feature_channels=info.feature_channels)
     check_integer("max_batch", max_batch, 1, 256)
     specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
     graphs = backend.components  # the torch backend's own module per component spec

@@ -24,10 +24,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from composekit.core.specs import COMPONENT_NAMES, ComponentSpec
+from composekit.core.specs import ComponentSpec
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.formats.atomic import atomic_directory, atomic_file
-from composekit.formats.engine_dir import ENGINES, EngineSidecar, gpu_identity, write_sidecar
+from composekit.formats.engine_dir import ENGINES, EngineSidecar, engine_components, gpu_identity, write_sidecar
 from composekit.formats.export_manifest import read_manifest, sha256_file
 
 __all__ = ["build_engines", "write_engine_dir", "ENGINES"]
@@ -64,7 +64,7 @@ def write_engine_dir(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, co
     specs = manifest.specs()
     engines: dict[str, Any] = {}
     with atomic_directory(out, overwrite) as tmp:
-        for name in COMPONENT_NAMES:
+        for name in engine_components(manifest):
             spec, onnx_path = specs[name], manifest.path(name)
             engine_path = tmp / f"{name}.plan"
             engine_path.write_bytes(compile_engine(name, onnx_path, spec))

@@ -76,3 +76,39 @@ def test_object_pixels_match_the_models_feature_extractor(compositor, reference)
         theirs = reference.feature_extractor(images=obj, return_tensors="np").pixel_values
         assert ours.shape == theirs.shape == (1, 3, 224, 224)
         assert np.abs(ours - theirs).max() <= 1e-5
+
+
+@pytest.mark.parametrize("interval", [3, 2])
+def test_feature_caching_matches_deepcache(compositor, reference, interval):
+    """``cache_interval=N`` against the DeepCache authors' helper on diffusers' pipeline (branch 0, the
+    shallowest; uniform schedule), same weights, latents and steps. Same tolerance as above."""
+    torch = pytest.importorskip("torch")
+    deepcache = pytest.importorskip("DeepCache", reason="the DeepCache package is the reference")
+    size = compositor.backend.info.model_size
+    bg, obj = gradient_background(size, size), noise_object()
+    box = (16, 8, 48, 40)
+    steps = 10
+    latents = np.random.default_rng(interval).standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
+    mask = np.zeros((size, size), np.uint8)
+    mask[box[1] : box[3], box[0] : box[2]] = 255
+    inside = mask > 0
+
+    def run_reference():
+        return reference(example_image=obj, image=bg, mask_image=Image.fromarray(mask), num_inference_steps=steps,
+                         guidance_scale=5.0, latents=torch.from_numpy(latents)).images[0]
+
+    helper = deepcache.DeepCacheSDHelper(pipe=reference)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    try:
+        ref = run_reference()
+    finally:
+        helper.disable()
+    plain = run_reference()
+    cached = compositor.paste(obj, bg, box, steps=steps, guidance=5.0, latents=latents, feather=0, progress=False,
+                              seed=0, cache_interval=interval)
+    a, b, p = (np.asarray(x, np.int16) for x in (cached.image, ref, plain))
+    assert np.abs(a - b)[inside].max() <= 2
+    # Not vacuous: caching changed the reference's own result, by more than the tolerance.
+    assert np.abs(b - p)[inside].max() > 2
+    np.testing.assert_array_equal(a[~inside], np.asarray(bg)[~inside])

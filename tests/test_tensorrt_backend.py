@@ -54,17 +54,19 @@ def engines(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.parametrize("cache_interval", [1, 3])
 @pytest.mark.parametrize("family", ["paint_by_example", "objectstitch"])
-def test_engines_composite_like_the_torch_backend(engines, fake_trt, family):
+def test_engines_composite_like_the_torch_backend(engines, fake_trt, family, cache_interval):
     src, engine_dir = engines[family]
     comp = Compositor.from_pretrained(engine_dir, backend="auto")
     assert comp.backend.name == "tensorrt" and comp.backend.info.family == family
-    assert "TensorRT 10.99.0-fake" in comp.backend.describe()
+    assert "TensorRT 10.99.0-fake" in comp.backend.describe() and comp.backend.info.feature_cache
     ref = Compositor.from_pretrained(src, device="cpu")
     bg, obj = gradient_background(140, 100), noise_object()
     lat_t, lat_e = [], []
     # guidance_end 0.6 alternates batch 2 and batch 1 on one context: shapes and addresses are re-set.
-    kw = dict(steps=5, seed=3, guidance_end=0.6, progress=False)
+    # cache_interval=3: the unet_shallow engine, and the unet engine's features output.
+    kw = dict(steps=5, seed=3, guidance_end=0.6, progress=False, cache_interval=cache_interval)
     a = ref.paste(obj, bg, BOX, callback=lambda i, t, x: lat_t.append(x), **kw)
     b = comp.paste(obj, bg, BOX, callback=lambda i, t, x: lat_e.append(x), **kw)
     assert np.abs(lat_t[-1] - lat_e[-1]).max() <= 1e-3

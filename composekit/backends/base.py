@@ -60,6 +60,12 @@ class ModelInfo:
     source: str  # where the model was loaded from
     any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
     max_batch: int | None = None  # most composites per batch (exports: fixed at export; None = no limit)
+    feature_channels: int = 0  # channels of the features feature caching reuses (0: the model cannot cache)
+
+    @property
+    def feature_cache(self) -> bool:
+        """Whether the backend has the full-with-features and shallow U-Net passes (``cache_interval > 1``)."""
+        return self.feature_channels > 0
 
     def latent_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
         """The shape of the model's latents: ``(batch, latent channels, side / f, side / f)``."""
@@ -72,7 +78,8 @@ class ModelInfo:
         dims = manifest.dims
         return cls(family=manifest.family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
                    latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source,
-                   max_batch=manifest.max_batch)
+                   max_batch=manifest.max_batch,
+                   feature_channels=dims.feature_channels if manifest.has("unet_shallow") else 0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,8 @@ class ModelCard:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Four model calls plus the array plumbing the sampler needs."""
+    """Four model calls (the U-Net's in three forms: plain, with features, shallow) plus the array plumbing
+    the sampler needs."""
 
     name: str
     info: ModelInfo
@@ -119,6 +127,14 @@ class Backend(Protocol):
 
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         """Noise prediction for ``sample`` ``(B, C_in, h, w)`` at ``timestep`` with ``context`` ``(B, T, D)``."""
+
+    def unet_with_features(self, sample: Any, timestep: int, context: Any) -> tuple[Any, Any]:
+        """A full U-Net pass that also returns the deep features ``(B, info.feature_channels, h, w)`` that enter
+        its last up layer (feature caching; only when ``info.feature_cache``)."""
+
+    def unet_shallow(self, sample: Any, timestep: int, context: Any, features: Any) -> Any:
+        """The shallow pass: noise prediction from ``features`` of an earlier full pass (``conv_in``, the last
+        up layer, ``conv_out``; only when ``info.feature_cache``)."""
 
     def decode(self, latents: Any) -> Any:
         """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, f h, f w)`` in ``[-1, 1]`` (not clipped)."""

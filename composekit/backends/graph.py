@@ -24,9 +24,11 @@ __all__ = ["GraphBackend", "check_external_data", "check_graph_io", "check_expor
 
 
 def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
-    """The components to load from an export: the four, with the tiny decoder for ``vae="tiny"``."""
+    """The components to load from an export: the four (with the tiny decoder for ``vae="tiny"``) and the
+    shallow U-Net of feature caching when the export has it. The decoder comes last."""
+    shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
     if vae is None:
-        return COMPONENT_NAMES
+        return (*COMPONENT_NAMES[:-1], *shallow, COMPONENT_NAMES[-1])
     if vae != "tiny":
         raise InputError(f"vae={vae!r}: an export decodes with the decoders it was exported with; pass vae='tiny' "
                          "for the tiny decoder exported beside the VAE (composekit-export onnx --tiny-vae DIR), "
@@ -34,7 +36,7 @@ def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     if not manifest.has("tiny_vae_decoder"):
         raise InputError(f"vae='tiny': the export {manifest.root} has no tiny decoder; re-export it with "
                          "`composekit-export onnx MODEL OUT --tiny-vae TAESD_DIR`, or pass vae=None")
-    return (*COMPONENT_NAMES[:-1], "tiny_vae_decoder")
+    return (*COMPONENT_NAMES[:-1], *shallow, "tiny_vae_decoder")
 
 
 def check_export_dtype(manifest: Any, dtype: Any, fix: str) -> None:
@@ -112,6 +114,18 @@ class GraphBackend:
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
         t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
         return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
+
+    @model_call("U-Net")
+    def unet_with_features(self, sample: Any, timestep: int, context: Any) -> tuple[Any, Any]:
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
+        eps, features = self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})
+        return eps, features
+
+    @model_call("U-Net (shallow pass)")
+    def unet_shallow(self, sample: Any, timestep: int, context: Any, features: Any) -> Any:
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
+        return self._run("unet_shallow", {"sample": sample, "timestep": t, "encoder_hidden_states": context,
+                                          "features": features})[0]
 
     @model_call("VAE decoder")
     def decode(self, latents: Any) -> Any:

@@ -6,8 +6,8 @@ sha256 of every file, external data inside the directory, graph inputs and outpu
 How it runs:
 
 1. Each graph is read once and compiled for **static shapes**: the export's fixed window, and one
-   batch size per compiled copy — at load, the U-Net at batch 2 (classifier-free guidance) and
-   batch 1 (after the guidance cut-off) and the encoders and decoder at batch 1; other batch sizes
+   batch size per compiled copy — at load, the U-Net (and its shallow pass, for feature caching) at
+   batch 2 (classifier-free guidance) and batch 1 (after the guidance cut-off) and the encoders and decoder at batch 1; other batch sizes
    (``paste_batch``) are compiled the first time they are needed.
 2. Precision: ``precision="bf16"`` computes in bfloat16 on CPUs that have it (AVX-512 BF16 / AMX),
    ``"f32"`` in float32, ``"f16"`` in float16 where the device reports it; the default is bf16 where
@@ -78,7 +78,9 @@ class OpenVINOBackend(GraphBackend):
         self.compiled: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        for name, batch in (("object_encoder", 1), ("vae_encoder", 1), ("unet", 2), ("unet", 1), (self.decoder, 1)):
+        unets = ("unet", "unet_shallow") if "unet_shallow" in self.models else ("unet",)
+        for name, batch in (("object_encoder", 1), ("vae_encoder", 1), *((u, b) for u in unets for b in (2, 1)),
+                            (self.decoder, 1)):
             self._compiled(name, batch)
 
     def describe(self) -> str:

@@ -37,9 +37,15 @@ from composekit.backends.arrays import ArrayModule
 from composekit.backends.graph import GraphBackend
 from composekit.core.devices import Device, parse_device
 from composekit.core.options import check_bool
-from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
-from composekit.formats.engine_dir import REBUILD_HINT, EngineDir, check_engine, gpu_identity, read_engine_dir
+from composekit.formats.engine_dir import (
+    REBUILD_HINT,
+    EngineDir,
+    check_engine,
+    engine_components,
+    gpu_identity,
+    read_engine_dir,
+)
 
 __all__ = ["TensorRTBackend", "load"]
 
@@ -86,7 +92,7 @@ class TensorRTBackend(GraphBackend):
             inputs = [t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT]
             return [rows[t] for t in inputs], [rows[t] for t in tensors if t not in inputs]
 
-        self.engines: dict[str, Any] = self._open_export(engine_dir.manifest, COMPONENT_NAMES, read, io, "TensorRT",
+        self.engines: dict[str, Any] = self._open_export(engine_dir.manifest, engine_components(engine_dir.manifest), read, io, "TensorRT",
                                                          path_of=engine_dir.path, source=engine_dir.root)
         self.dtypes: dict[str, dict[str, np.dtype]] = {
             name: {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t)))
@@ -150,7 +156,7 @@ class TensorRTBackend(GraphBackend):
                     raise InputError(f"TensorRT refused shape {shape} for {name}.{tensor}; {REBUILD_HINT}")
             for tensor, buf in binding.buffers.items():
                 context.set_tensor_address(tensor, arrays.pointer(buf))
-            if self.cuda_graph and name == "unet" and binding.graph is None and binding.runs >= 1:
+            if self.cuda_graph and name in ("unet", "unet_shallow") and binding.graph is None and binding.runs >= 1:
                 # 4. Capture once TensorRT has run these shapes (it must, before a capture).
                 stream.begin_capture()
                 context.execute_async_v3(arrays.stream_handle(stream))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from composekit.backends.base import ModelCard, ModelInfo, model_call
+from composekit.backends.unet_split import FeatureTap, ShallowUNet, check_splittable, feature_channels
 from composekit.core.devices import parse_device
 from composekit.core.options import check_bool, check_choice
 from composekit.errors import BackendUnavailableError, InputError, ModelError
@@ -184,14 +185,21 @@ class ObjectEncoder(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """The ``unet`` spec: noise prediction (``unet`` may be the U-Net or its ``torch.compile``'d version)."""
+    """The ``unet`` spec: noise prediction, and with a ``tap`` also the features that feature caching reuses
+    (see :mod:`composekit.backends.unet_split`). ``unet`` may be the U-Net or its ``torch.compile``'d version."""
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, unet: Any, tap: Any = None) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet, self.tap = unet, tap
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def predict(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
+        if self.tap is None:
+            return self.predict(sample, timestep, encoder_hidden_states)
+        eps, features = self.tap(self.predict, sample, timestep, encoder_hidden_states)
+        return eps, features
 
 
 class VaeEncoder(torch.nn.Module):
@@ -253,6 +261,13 @@ class TorchBackend:
         if compile:
             mode = None if compile is True else compile
             self._unet_call = torch.compile(self.unet_model, mode=mode, fullgraph=False, dynamic=False)
+        # Feature caching: the full pass also yields the deep features; the shallow pass reuses them.
+        try:
+            check_splittable(self.unet_model)
+            tap = FeatureTap(self.unet_model)
+        except ModelError as exc:
+            logger.info("feature caching unavailable: %s", exc)
+            tap = None
         vae_cfg, unet_cfg = self.vae.config, self.unet_model.config
         scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
         self.scaling = float(vae_cfg.scaling_factor)
@@ -264,16 +279,19 @@ class TorchBackend:
             unet_in_channels=int(unet_cfg.in_channels),
             source=str(files.root),
             any_size_decode=True,
+            feature_channels=feature_channels(self.unet_model) if tap is not None else 0,
         )
         self.card = ModelCard(self.info, files.configs["scheduler"], files.configs["feature_extractor"],
                               tuple(files.index.get("cutout_backdrop", [255, 255, 255])))
         # One module per component spec; the exporter traces these same modules.
         self.components: dict[str, torch.nn.Module] = {
             "object_encoder": ObjectEncoder(self.image_encoder, self.adaptor).eval(),
-            "unet": UNet(self._unet_call).eval(),
+            "unet": UNet(self._unet_call, tap).eval(),
             "vae_encoder": VaeEncoder(self.vae, self.scaling).eval(),
             "vae_decoder": VaeDecoder(self.vae, self.scaling).eval(),
         }
+        if tap is not None:
+            self.components["unet_shallow"] = ShallowUNet(self.unet_model).eval()
 
     def describe(self) -> str:
         extras = (["channels_last"] if self.channels_last else []) + (
@@ -309,20 +327,38 @@ class TorchBackend:
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.components["vae_encoder"](image)
 
-    @torch.inference_mode()
-    @model_call("U-Net")
-    def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+    def _timestep(self, timestep: int) -> torch.Tensor:
         t = self._timesteps.get(int(timestep))
         if t is None:  # one host->device copy per distinct timestep, not one per step and call
             t = self._timesteps.setdefault(int(timestep), torch.tensor(int(timestep), device=self.device,
                                                                         dtype=torch.long))
+        return t
+
+    def _sample(self, sample: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
         if self.compile_mode in ("reduce-overhead", "max-autotune"):
             # CUDA-graph modes reuse their output buffers: each step's call starts a new "step", and the
             # sampler consumes eps before the next call.
             torch.compiler.cudagraph_mark_step_begin()
-        return self.components["unet"](sample, t, context)
+        return sample
+
+    @torch.inference_mode()
+    @model_call("U-Net")
+    def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+        return self.components["unet"].predict(self._sample(sample), self._timestep(timestep), context)
+
+    @torch.inference_mode()
+    @model_call("U-Net")
+    def unet_with_features(self, sample: torch.Tensor, timestep: int, context: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.components["unet"](self._sample(sample), self._timestep(timestep), context)
+
+    @torch.inference_mode()
+    @model_call("U-Net (shallow pass)")
+    def unet_shallow(self, sample: torch.Tensor, timestep: int, context: torch.Tensor,
+                     features: torch.Tensor) -> torch.Tensor:
+        return self.components["unet_shallow"](self._sample(sample), self._timestep(timestep), context, features)
 
     @torch.inference_mode()
     @model_call("VAE decoder")

@@ -14,6 +14,10 @@ second scheduler needs no change here. The equations, as the docs' method pages 
   ``x_{t-1} <- M * x_{t-1} + (1 - M) * q(z_bg, t-1)``.
 - DDIM: ``x0_hat = (x_t - sqrt(1-a_t) eps) / sqrt(a_t)``,
   ``x_{t-1} = sqrt(a_{t-1}) x0_hat + sqrt(1 - a_{t-1} - sigma^2) eps + sigma z``.
+- Feature caching (DeepCache-style): the U-Net's output depends on its deep features ``h`` (everything
+  before its last up layer) and on a shallow branch (``conv_in`` -> last up layer -> ``conv_out``).
+  ``h`` changes slowly across steps, so with ``cache_interval = N`` step ``i`` runs
+  ``eps, h_cache = U(x_t)`` when ``i mod N = 0`` and ``eps = U_shallow(x_t, h_cache)`` otherwise.
 - Fidelity control, masked ILVR (cross-domain compositing): with ``y_0`` the latent of the naive
   paste, after each of the first ``T`` steps
   ``x_{t-1} <- x_{t-1} + M_t * (phi(y_{t-1}) - phi(x_{t-1}))``, ``y_{t-1} ~ q(y_{t-1} | y_0)``, where
@@ -208,6 +212,9 @@ def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: Paste
         guide_noise = backend.asarray(_noise(rngs, (ilvr_steps, *latent)))  # (steps, B, 4, h, w)
         phi = lambda a: p_h @ a @ p_w_t  # noqa: E731
 
+    interval = options.cache_interval
+    features = None  # h_cache: the deep features of the last full pass (feature caching)
+
     # 3. The loop.
     for i, t in enumerate(tqdm(timesteps, disable=not options.progress, desc="composekit", leave=False)):
         t = int(t)
@@ -217,7 +224,17 @@ def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: Paste
         if nine_channel:
             # 3a. U-Net input [x_t, E(I_bg * (1 - M)), 1 - M] (Paint by Example, 9 channels).
             model_in = backend.cat([model_in, *extras[k]], 1)
-        eps = backend.unet(model_in, t, contexts[k])
+        if interval == 1:
+            eps = backend.unet(model_in, t, contexts[k])
+        elif i % interval == 0:
+            # 3a'. Feature caching, full step: eps and h_cache = the deep features of this pass.
+            eps, features = backend.unet_with_features(model_in, t, contexts[k])
+        else:
+            # 3a''. Feature caching, shallow step: eps from x_t and h_cache. Guidance ended since the full
+            #       pass: keep h_cache's conditional rows (its rows are [v_1..v_B, c_1..c_B]).
+            if features.shape[0] != model_in.shape[0]:
+                features = features[b:]
+            eps = backend.unet_shallow(model_in, t, contexts[k], features)
         if cfg:
             # 3b. Classifier-free guidance: eps = eps(x, v) + s (eps(x, c) - eps(x, v)).
             eps = eps[:b] + options.guidance * (eps[b:] - eps[:b])

@@ -9,12 +9,17 @@ Components (``ModelDims`` fills in the numbers):
 component          inputs                                        outputs
 =================  ============================================  =====================================
 object_encoder     pixel_values (B, 3, C, C)                     context (B, T, D), uncond (B, T, D)
-unet               sample (B, Cin, h, w), timestep (B,) int64,   noise_pred (B, 4, h, w)
-                   encoder_hidden_states (B, T, D)
+unet               sample (B, Cin, h, w), timestep (B,) int64,   noise_pred (B, 4, h, w),
+                   encoder_hidden_states (B, T, D)               features (B, F, h, w) [feature caching]
+unet_shallow       as unet, and features (B, F, h, w)            noise_pred (B, 4, h, w)
 vae_encoder        image (B, 3, H, W) in [-1, 1]                 latent (B, 4, h, w), scaled mean
 vae_decoder        latent (B, 4, h, w), scaled                   image (B, 3, H, W) in [-1, 1]
 tiny_vae_decoder   as vae_decoder (optional: a tiny autoencoder's decoder, e.g. TAESD)
 =================  ============================================  =====================================
+
+Feature caching (``cache_interval``): when ``dims.feature_channels`` (F) is set, the U-Net graph also
+outputs the deep features entering its last up layer, and the ``unet_shallow`` graph recomputes only
+that layer (with ``conv_in`` and ``conv_out``) from features of an earlier step.
 
 ``B`` is dynamic everywhere (classifier-free guidance doubles the U-Net batch). ``H, W`` (and
 ``h, w``) are fixed at the model size unless the export asked for dynamic spatial axes.
@@ -33,7 +38,7 @@ __all__ = ["ModelDims", "TensorSpec", "ComponentSpec", "component_specs", "COMPO
 
 COMPONENT_NAMES = ("object_encoder", "unet", "vae_encoder", "vae_decoder")
 # Exported only on request: a tiny autoencoder's decoder (``--tiny-vae``), the vae_decoder's inputs and outputs.
-OPTIONAL_COMPONENTS = ("tiny_vae_decoder",)
+OPTIONAL_COMPONENTS = ("tiny_vae_decoder", "unet_shallow")
 Dim = int | str
 
 
@@ -48,6 +53,7 @@ class ModelDims:
     context_tokens: int  # T: 1 (Paint by Example), 257 or 77 (ObjectStitch)
     context_dim: int  # D: 768 for SD 1.x
     clip_size: int = 224  # C
+    feature_channels: int = 0  # F: channels of the features feature caching reuses (0 = no unet_shallow graph)
 
     @property
     def latent_size(self) -> int:
@@ -178,6 +184,15 @@ def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: i
         pix, latent, spatial = (m, m), (lat, lat), {}
     ranges = {**batch, **spatial}
     enc_batch = {"B": (1, 1, max_batch)}
+    unet_inputs = (
+        TensorSpec("sample", ("B", dims.unet_in_channels, *latent)),
+        TensorSpec("timestep", ("B",), "int64"),
+        TensorSpec("encoder_hidden_states", ("B", t, d)),
+    )
+    noise_pred = TensorSpec("noise_pred", ("B", dims.latent_channels, *latent))
+    features = TensorSpec("features", ("B", dims.feature_channels, *latent))
+    caching = {"unet_shallow": ComponentSpec("unet_shallow", inputs=(*unet_inputs, features), outputs=(noise_pred,),
+                                             ranges=ranges, scale=f)} if dims.feature_channels else {}
     return {
         "object_encoder": ComponentSpec(
             "object_encoder",
@@ -188,15 +203,12 @@ def component_specs(dims: ModelDims, dynamic_spatial: bool = False, max_batch: i
         ),
         "unet": ComponentSpec(
             "unet",
-            inputs=(
-                TensorSpec("sample", ("B", dims.unet_in_channels, *latent)),
-                TensorSpec("timestep", ("B",), "int64"),
-                TensorSpec("encoder_hidden_states", ("B", t, d)),
-            ),
-            outputs=(TensorSpec("noise_pred", ("B", dims.latent_channels, *latent)),),
+            inputs=unet_inputs,
+            outputs=(noise_pred, features) if caching else (noise_pred,),
             ranges=ranges,
             scale=f,
         ),
+        **caching,
         "vae_encoder": ComponentSpec(
             "vae_encoder",
             inputs=(TensorSpec("image", ("B", 3, *pix)),),

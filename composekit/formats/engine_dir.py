@@ -136,15 +136,22 @@ class EngineDir:
         return path
 
 
+def engine_components(manifest: ExportManifest) -> tuple[str, ...]:
+    """The components an engine directory holds: the four, and the shallow U-Net (feature caching) when the
+    export has it (the decoder last, as the runtimes expect)."""
+    shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
+    return (*COMPONENT_NAMES[:-1], *shallow, COMPONENT_NAMES[-1])
+
+
 def read_engine_dir(root: str | os.PathLike) -> EngineDir:
     """Parse ``root/engines.json``; every component must have an engine entry."""
     root = Path(root)
     data = read_json(root / ENGINES, fix=REBUILD_HINT, schema=SCHEMAS["engines"],
                      missing=f"{root} has no {ENGINES}; it is not a composekit engine directory ({REBUILD_HINT})")
-    missing = [c for c in COMPONENT_NAMES if c not in data["engines"]]
+    check_manifest_data(data["onnx_manifest"], f"{root / ENGINES} (onnx_manifest)", REBUILD_HINT)
+    missing = [c for c in engine_components(ExportManifest(root, data["onnx_manifest"])) if c not in data["engines"]]
     if missing:
         raise ModelError(f"{root / ENGINES} lists no engine for {missing}; {REBUILD_HINT}")
-    check_manifest_data(data["onnx_manifest"], f"{root / ENGINES} (onnx_manifest)", REBUILD_HINT)
     return EngineDir(root, data)
 
 

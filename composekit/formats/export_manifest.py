@@ -126,6 +126,10 @@ def check_manifest_data(data: dict[str, Any], where: str, fix: str) -> None:
     missing = [c for c in COMPONENT_NAMES if c not in data["components"]]
     if missing:
         raise ModelError(f"{where} lacks component(s) {missing}; {fix}")
+    caching, shallow = bool(data["dims"].get("feature_channels")), "unet_shallow" in data["components"]
+    if caching != shallow:
+        raise ModelError(f"{where}: dims.feature_channels is {data['dims'].get('feature_channels', 0)} but the "
+                         f"unet_shallow graph is {'present' if shallow else 'absent'}; they go together. {fix}")
     for name in _present(data):
         entry = data["components"][name]
         if not isinstance(entry, dict):

@@ -301,6 +301,7 @@ SCHEMAS: dict[str, Schema] = {
         "context_tokens": Field(("int",), True, _int_in(1, 4096), "an integer in 1..4096"),
         "context_dim": Field(("int",), True, _DIM, "an integer in 1..16384"),
         "clip_size": Field(("int",), False, _int_in(1, 4096), "an integer in 1..4096"),
+        "feature_channels": Field(("int",), False, _int_in(0, 16384), "an integer in 0..16384"),
     },
     "manifest_component": {
         "file": Field(("str",), True, expect="a file name inside the export"),
