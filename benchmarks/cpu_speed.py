@@ -35,27 +35,35 @@ import numpy as np
 
 from composekit import Compositor, __version__
 
-from .harness import _inputs, _timeit, diffusers_pipeline, stage_times
+from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, diffusers_pipeline, stage_times
 
 STEPS_TO = 50
 
 
-def _models(root: Path, size: str) -> dict[str, Path]:
+def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     from composekit_export.onnx_export import export_onnx
 
     from composekit.apps.random_models import make_random_model, make_random_tiny_vae
 
     paths = {"model": root / f"pbe-{size}", "taesd": root / f"taesd-{size}", "onnx": root / f"pbe-{size}-onnx",
-             "fused": root / f"pbe-{size}-onnx-fused"}
+             "fused": root / f"pbe-{size}-onnx-fused", "int8": root / f"pbe-{size}-onnx-int8"}
     if not (paths["model"] / "model_index.json").exists():
         make_random_model(paths["model"], size, seed=0, overwrite=True)
     if not (paths["taesd"] / "config.json").exists():
         make_random_tiny_vae(paths["taesd"], size, seed=0, overwrite=True)
-    manifest = paths["onnx"] / "manifest.json"
-    if not manifest.exists() or "tiny_vae_decoder" not in json.loads(manifest.read_text())["components"]:
+
+    def current(path: Path, *need: str) -> bool:  # an export of this composekit's format, with what the rows need
+        manifest = path / "manifest.json"
+        return manifest.exists() and all(n in json.loads(manifest.read_text()).get("components", {})
+                                         for n in need) and (path.name != paths["int8"].name or
+                                                             bool(json.loads(manifest.read_text()).get("int8")))
+
+    if not current(paths["onnx"], "tiny_vae_decoder", "unet_shallow"):
         export_onnx(paths["model"], paths["onnx"], tiny_vae=paths["taesd"], overwrite=True)
-    if not (paths["fused"] / "manifest.json").exists():
+    if any(ROWS[r][0] == "fused" for r in rows) and not current(paths["fused"], "unet_shallow"):
         export_onnx(paths["model"], paths["fused"], optimize="cpu", overwrite=True)
+    if any(ROWS[r][0] == "int8" for r in rows) and not current(paths["int8"], "tiny_vae_decoder", "unet_shallow"):
+        export_onnx(paths["model"], paths["int8"], tiny_vae=paths["taesd"], int8=True, overwrite=True)
     return paths
 
 
@@ -74,66 +82,112 @@ def _end_to_end(run: Any, steps: list[int]) -> tuple[dict[str, Any], Any]:
     return out, image
 
 
+# name -> (model, from_pretrained options, paste options, stages?). "model": the diffusers directory, the
+# plain export (with the tiny decoder), the fused export or the int8 export (with the tiny decoder).
+ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
+    "composekit torch fp32": ("model", {"device": "cpu", "dtype": "float32"}, {}, True),
+    "composekit torch bf16": ("model", {"device": "cpu", "dtype": "bfloat16"}, {}, True),
+    "onnxruntime fp32 (plain export)": ("onnx", {"backend": "onnxruntime"}, {}, True),
+    "onnxruntime fp32 (fused export)": ("fused", {"backend": "onnxruntime"}, {}, True),
+    "openvino f32": ("onnx", {"backend": "openvino", "precision": "f32"}, {}, True),
+    "default: from_pretrained(export)": ("onnx", {}, {}, True),
+    "default, cache_interval=3": ("onnx", {}, {"cache_interval": 3}, False),
+    "default, cache_interval=5": ("onnx", {}, {"cache_interval": 5}, False),
+    "int8 export: from_pretrained(int8 export)": ("int8", {}, {}, True),
+    "int8 export, cache_interval=3": ("int8", {}, {"cache_interval": 3}, False),
+    "int8 export, speed='fast'": ("int8", {}, {"speed": "fast"}, False),
+}
+DEFAULT_ROWS = list(ROWS)
+
+
+def _cpu_has_bf16(cpu: dict[str, Any]) -> bool:
+    return cpu["class"] in ("AMX", "AVX-512-BF16")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    paths = _models(Path(args.models), args.size)
+    cpu = cpu_description()
+    rows = list(args.rows or DEFAULT_ROWS)
+    skipped = {}
+    if "composekit torch bf16" in rows and not _cpu_has_bf16(cpu) and not args.rows:
+        rows.remove("composekit torch bf16")  # emulated bf16 is slow and says nothing about bf16 hardware
+        skipped["composekit torch bf16"] = f"this CPU ({cpu['class']}) has no BF16 instructions"
+    rows = ["composekit torch fp32"] + [r for r in rows if r != "composekit torch fp32"]  # the image reference
+    paths = _models(Path(args.models), args.size, rows)
     steps = sorted(set(args.steps))
     obj, bg, box = _inputs({"tiny": 64, "full": 512}[args.size])
     guidance = args.guidance
     results: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "composekit": __version__, "size": args.size, "steps": steps, "guidance": guidance, "repeats": args.repeats, "rows": {},
+        "machine": {"platform": platform.platform(), "cpu": cpu, "python": sys.version.split()[0],
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "composekit": __version__, "size": args.size, "steps": steps, "guidance": guidance, "repeats": args.repeats,
+        "skipped": skipped, "rows": {},
     }
-    reference: dict[str, np.ndarray] = {}
+    print(f"CPU: {cpu['model']}, class {cpu['class']} (flags: {', '.join(cpu['flags']) or 'none of ' + str(CPU_FLAGS)}"
+          f"), {cpu['cores']} cores", file=sys.stderr, flush=True)
+    references: dict[int, np.ndarray] = {}  # composekit torch fp32's image at each step count
     mask = np.zeros(bg.shape[:2], bool)
     mask[box[1]:box[3], box[0]:box[2]] = True
 
-    def region_diff(image: Any) -> dict[str, float]:
-        d = np.abs(np.asarray(image, np.int16)[mask] - reference["fp32"][mask])
-        return {"max": int(d.max()), "mean": float(d.mean())}
+    def paste(comp: Compositor, s: int, options: dict[str, Any]) -> Any:
+        return comp.paste(obj, bg, box, steps=s, guidance=guidance, seed=0, progress=False, **options).image
 
-    def measure(name: str, comp: Compositor) -> None:
-        row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe()}
-        row["stages"] = {k: v["median_s"] for k, v in stage_times(comp, args.repeats, 1).items()}
-        e2e, image = _end_to_end(lambda s: comp.paste(obj, bg, box, steps=s, guidance=guidance, seed=0,
-                                                      progress=False).image, steps)
+    def region_diff(image: Any, s: int) -> dict[str, Any]:
+        d = np.abs(np.asarray(image, np.int16)[mask] - references[s][mask])
+        return {"steps": s, "max": int(d.max()), "mean": float(d.mean())}
+
+    def row_steps(options: dict[str, Any]) -> list[int]:
+        """Step counts that are multiples of the caching interval (the per-step cost is periodic in it)."""
+        interval = options.get("cache_interval", 3 if options.get("speed") == "fast" else 1)
+        return steps if interval == 1 else [interval, 2 * interval]
+
+    def measure(name: str, comp: Compositor, options: dict[str, Any], stages: bool) -> None:
+        row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe(), "paste": options}
+        if options:  # its uncached peer: the same model, loaded the same way, pasted with no option
+            row["same_runtime_as"] = next((n for n, (w, ld, o, _) in ROWS.items()
+                                           if (w, ld) == ROWS[name][:2] and not o), None)
+        if stages:
+            row["stages"] = {k: v["median_s"] for k, v in stage_times(comp, args.repeats, 1).items()}
+        else:
+            paste(comp, 1, options)  # warm-up
+        row_s = row_steps(options)
+        e2e, image = _end_to_end(lambda s: paste(comp, s, options), row_s)
         row["end_to_end"] = e2e
-        reference.setdefault("fp32", np.asarray(image, np.int16))  # the first row (torch fp32) is the reference
-        row["diff_vs_torch_fp32"] = region_diff(image)
+        row["steps"] = row_s
+        if name == "composekit torch fp32":
+            references[row_s[-1]] = np.asarray(image, np.int16)
+        row["image"] = np.asarray(image, np.int16)
         results["rows"][name] = row
-        print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'image'})}", file=sys.stderr, flush=True)
 
     def add_tiny_vae(name: str, backend: Any) -> None:
         """The row's decode stage with the tiny decoder, and its 50-step figure with that stage swapped in."""
         row = results["rows"][name]
+        if "stages" not in row:
+            return
         row["stages"]["decode_tiny"] = _decode_time(backend, args.repeats)
         row["end_to_end"]["at_50_tiny_vae_s"] = row["end_to_end"]["at_50_s"] - row["stages"]["decode"] + \
             row["stages"]["decode_tiny"]
 
     # One model in memory at a time (a full-size model is ~5 GB; two rows at once ran this 24 GB machine out
     # of memory): each row's compositor is dropped before the next one loads. composekit torch fp32 first:
-    # every other row's image is compared with it.
-    for name, path, kwargs in (("composekit torch fp32", paths["model"], {"device": "cpu", "dtype": "float32"}),
-                               ("composekit torch bf16", paths["model"], {"device": "cpu", "dtype": "bfloat16"}),
-                               ("onnxruntime fp32 (plain export)", paths["onnx"], {"backend": "onnxruntime"}),
-                               ("onnxruntime fp32 (fused export)", paths["fused"], {"backend": "onnxruntime"}),
-                               ("openvino f32", paths["onnx"], {"backend": "openvino", "precision": "f32"}),
-                               ("default: from_pretrained(export)", paths["onnx"], {})):
-        comp = Compositor.from_pretrained(path, **kwargs)
-        measure(name, comp)
-        if path == paths["model"]:  # the torch backend shares its modules with a tiny-VAE copy
+    # every other row's image is compared with it, at the same step count.
+    for name in rows:
+        where, load, options, stages = ROWS[name]
+        comp = Compositor.from_pretrained(paths[where], **load)
+        measure(name, comp, options, stages)
+        if where == "model":  # the torch backend shares its modules with a tiny-VAE copy
             add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))
+        elif stages and where in ("onnx", "int8"):  # the export's tiny decoder, loaded beside its VAE decoder
+            add_tiny_vae(name, _FastDecoder(comp.backend.inner))
+        if name == "composekit torch fp32":  # the references at the other rows' step counts
+            for s in sorted({s for r in rows for s in row_steps(ROWS[r][2])} - set(references)):
+                references[s] = np.asarray(paste(comp, s, {}), np.int16)
         del comp
         gc.collect()
-        if path == paths["onnx"]:  # the same runtime and settings with the export's tiny decoder
-            tiny = Compositor.from_pretrained(path, vae="tiny", **kwargs)
-            add_tiny_vae(name, tiny.backend)
-            del tiny
-            gc.collect()
 
     pipe = diffusers_pipeline(paths["model"], "cpu", "float32")
     pil_mask = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -146,15 +200,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     diffusers_run(1)  # warm-up
     e2e, image = _end_to_end(diffusers_run, steps)
     results["rows"]["diffusers PaintByExamplePipeline fp32"] = {
-        "backend": "diffusers", "describe": "cpu, float32", "end_to_end": e2e,
+        "backend": "diffusers", "describe": "cpu, float32", "end_to_end": e2e, "steps": steps,
         "diff_vs_torch_fp32": None,
         "diff_note": "n/a: diffusers draws its noise differently (parity on equal noise: tests/test_parity.py)"}
+    for row in results["rows"].values():
+        image = row.pop("image", None)
+        if image is not None:
+            row["diff_vs_torch_fp32"] = region_diff(image, row["steps"][-1])
     _ratios(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+class _FastDecoder:
+    """An export backend's tiny decoder as ``decode`` (for the decode-stage timing)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.info, self.asarray, self.synchronize = backend, backend.info, backend.asarray, \
+            backend.synchronize
+
+    def decode(self, latent: Any) -> Any:
+        return self.backend.decode(latent, tiny=True)
 
 
 def _with_tiny_vae(comp: Compositor, taesd: Path) -> Any:
@@ -190,18 +259,23 @@ def _ratios(results: dict[str, Any]) -> None:
             if "decode_tiny" in row["stages"]:
                 row["decode_speedup_tiny_vae"] = row["stages"]["decode"] / row["stages"]["decode_tiny"]
         row["decode_vs_torch_fp32"] = torch_decode / row["stages"]["decode"] if "stages" in row else None
+        peer = rows.get(row.get("same_runtime_as") or "")
+        if peer is not None:
+            row["per_step_vs_same_runtime"] = peer["end_to_end"]["per_step_s"] / e2e["per_step_s"]
 
 
 def markdown(results: dict[str, Any]) -> str:
-    a, b = results["steps"][0], results["steps"][-1]
-    lines = [f"Random Paint-by-Example, size {results['size']} (guidance {results['guidance']}), CPU, "
-             f"{results['machine']['threads']} threads; {results['date']}; `{results['command']}`. Stage times: "
-             f"median of {results['repeats']} after one warm-up. End to end: one run at {a} and at {b} steps; "
-             f"**at 50 steps = fixed + 50 x slope, extrapolated**.", "",
+    cpu = results["machine"]["cpu"]
+    lines = [f"CPU: {cpu['model']}, **{cpu['class']}** (flags: {', '.join(cpu['flags']) or 'none'}), {cpu['cores']} "
+             f"cores. Random Paint-by-Example, size {results['size']} (guidance {results['guidance']}), "
+             f"{results['machine']['threads']} torch threads; {results['date']}; `{results['command']}`. Stage times: "
+             f"median of {results['repeats']} after one warm-up. End to end: one run at each of two step counts (multiples "
+             "of the caching interval for cached rows); **at 50 steps = fixed + 50 x slope, extrapolated**."
+             + "".join(f" Skipped: {k} ({v})." for k, v in results.get("skipped", {}).items()), "",
              "| row | runs as | encode object | encode image | U-Net step (x torch fp32) | decode | decode, tiny VAE "
-             f"(x faster) | {a} steps | {b} steps | per step | at 50 (x diffusers) | at 50, tiny VAE (x diffusers) "
-             "| region diff vs torch fp32 (max / mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(x faster) | end to end (steps: s) | per step (x same runtime uncached) | at 50 (x diffusers) | at 50, "
+             "tiny VAE (x diffusers) | region diff vs torch fp32 (max / mean, at steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
         st, e2e = row.get("stages", {}), row["end_to_end"]
         cell = lambda k: f"{st[k]:.2f} s" if k in st else "-"  # noqa: E731
@@ -209,12 +283,15 @@ def markdown(results: dict[str, Any]) -> str:
         tiny = f"{st['decode_tiny']:.3f} s ({row['decode_speedup_tiny_vae']:.0f}x)" if "decode_tiny" in st else "-"
         at50t = (f"{e2e['at_50_tiny_vae_s']:.0f} s ({row['vs_diffusers_at_50_tiny_vae']:.2f}x)"
                  if "at_50_tiny_vae_s" in e2e else "-")
+        runs = ", ".join(f"{s}: {e2e[str(s)]:.1f}" for s in row["steps"])
+        per_step = f"{e2e['per_step_s']:.2f} s" + (f" ({row['per_step_vs_same_runtime']:.2f}x)"
+                                                   if "per_step_vs_same_runtime" in row else "")
         d = row.get("diff_vs_torch_fp32")
-        dtext = row.get("diff_note") or ("reference" if d is None else f"{d['max']} / {d['mean']:.2f}")
+        dtext = row.get("diff_note") or ("reference" if name == "composekit torch fp32" else
+                                         f"{d['max']} / {d['mean']:.2f} ({d['steps']})")
         lines.append(f"| {name} | {row['describe']} | {cell('encode_object')} | {cell('encode_image')} | {step} | "
-                     f"{cell('decode')} | {tiny} | {e2e[str(a)]:.1f} s | {e2e[str(b)]:.1f} s | "
-                     f"{e2e['per_step_s']:.2f} s | {e2e['at_50_s']:.0f} s ({row['vs_diffusers_at_50']:.2f}x) | "
-                     f"{at50t} | {dtext} |")
+                     f"{cell('decode')} | {tiny} | {runs} | {per_step} | {e2e['at_50_s']:.0f} s "
+                     f"({row['vs_diffusers_at_50']:.2f}x) | {at50t} | {dtext} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=2, help="stage-time repeats after one warm-up (default 2)")
     p.add_argument("--models", default=".bench-models", help="where the random models and exports are cached")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
+                   help=f"rows to measure (default: all; torch bf16 only on CPUs with BF16). One of: {list(ROWS)}")
     p.add_argument("--out", default="bench-cpu-speed")
     args = p.parse_args(argv)
     print(markdown(run(args)))

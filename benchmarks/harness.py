@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -67,6 +68,28 @@ def _timeit(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[],
     q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
     return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1], "p25_s": q(0.25),
             "p75_s": q(0.75), "n": len(times)}
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and the vector/matrix flags that decide which number formats are fast
+    (from /proc/cpuinfo; ``class`` is AMX, AVX-512-BF16, AVX-512 or AVX2, the best it has)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    present = [f for f in CPU_FLAGS if f in flags]
+    kind = ("AMX" if "amx_bf16" in flags else "AVX-512-BF16" if "avx512_bf16" in flags else
+            "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other")
+    return {"model": name, "flags": present, "class": kind, "cores": os.cpu_count()}
 
 
 def _inputs(size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
@@ -160,37 +183,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paste_kw = dict(steps=steps[-1], guidance=args.guidance, seed=0, progress=False)
     reference: dict[str, Any] = {}
 
-    def fp32_diff(comp: Compositor) -> dict[str, float]:
-        """Region difference (0..255) from composekit's fp32 PyTorch result on this device, same seed."""
-        if "region" not in reference:
+    def fp32_diff(comp: Compositor, options: dict[str, Any], at: int) -> dict[str, float]:
+        """Region difference (0..255) from composekit's fp32 PyTorch result on this device, same seed and steps."""
+        if at not in reference:
             ref = Compositor.from_pretrained(model_dir, device=device, dtype="float32")
-            r = ref.paste(obj, bg, box, **paste_kw)
-            reference["region"] = np.asarray(r.image, np.int16)[r.mask]
+            r = ref.paste(obj, bg, box, **{**paste_kw, "steps": at})
+            reference[at] = np.asarray(r.image, np.int16)[r.mask]
             del ref
-        r = comp.paste(obj, bg, box, **paste_kw)
-        diff = np.abs(np.asarray(r.image, np.int16)[r.mask] - reference["region"])
-        return {"steps": steps[-1], "max": int(diff.max()), "mean": float(diff.mean())}
+        r = comp.paste(obj, bg, box, **{**paste_kw, "steps": at}, **options)
+        diff = np.abs(np.asarray(r.image, np.int16)[r.mask] - reference[at])
+        return {"steps": at, "max": int(diff.max()), "mean": float(diff.mean())}
 
-    def measure(name: str, comp: Compositor) -> None:
-        row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe()}
+    def measure(name: str, comp: Compositor, options: dict[str, Any] | None = None) -> None:
+        """One row; ``options`` (e.g. ``cache_interval``) go to every paste, whose step counts are then rounded
+        down to multiples of the caching interval (its per-step cost is periodic)."""
+        options = options or {}
+        interval = options.get("cache_interval", 1)
+        row_steps = sorted({s - s % interval for s in steps})
+        row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe(), "paste": options,
+                               "steps": row_steps}
         row["stages"] = stage_times(comp, args.repeats, args.warmup)
         row["end_to_end"] = end_to_end(
-            lambda s: comp.paste(obj, bg, box, steps=s, guidance=args.guidance, seed=0, progress=False),
-            steps, args.repeats, args.warmup, sync)
+            lambda s: comp.paste(obj, bg, box, steps=s, guidance=args.guidance, seed=0, progress=False, **options),
+            row_steps, args.repeats, args.warmup, sync)
         start = time.perf_counter()
         for i in range(args.batch):
-            comp.paste(obj, np.roll(bg, i, axis=1), box, steps=steps[0], guidance=args.guidance, seed=i, progress=False)
+            comp.paste(obj, np.roll(bg, i, axis=1), box, steps=row_steps[0], guidance=args.guidance, seed=i,
+                       progress=False, **options)
         sync()
         row["throughput_images_per_s"] = args.batch / (time.perf_counter() - start)
-        row["throughput_steps"] = steps[0]
+        row["throughput_steps"] = row_steps[0]
         if args.check_fp32:
-            row["diff_vs_fp32"] = fp32_diff(comp)
+            row["diff_vs_fp32"] = fp32_diff(comp, options, row_steps[-1])
         results["rows"][name] = row
 
     for variant in args.variants:
         suffix = "" if variant == "default" else f"-{variant}"
-        measure(f"composekit-torch-{dtype}{suffix}",
-                Compositor.from_pretrained(model_dir, device=device, dtype=dtype, **VARIANTS[variant]))
+        comp = Compositor.from_pretrained(model_dir, device=device, dtype=dtype, **VARIANTS[variant])
+        measure(f"composekit-torch-{dtype}{suffix}", comp)
+        for interval in args.cache_intervals or []:  # feature caching, same compositor
+            measure(f"composekit-torch-{dtype}{suffix}-cache{interval}", comp, {"cache_interval": interval})
+        del comp
     if args.onnx:
         from composekit_export.onnx_export import export_onnx
 
@@ -233,7 +266,7 @@ def _ratios(results: dict[str, Any]) -> None:
             continue
         row["ratio_vs_diffusers"] = {
             s: ref["end_to_end"][s]["median_s"] / row["end_to_end"][s]["median_s"]
-            for s in row["end_to_end"] if s != "per_step_s"
+            for s in row["end_to_end"] if s != "per_step_s" and s in ref["end_to_end"]
         }
         if "per_step_s" in row["end_to_end"] and "per_step_s" in ref["end_to_end"]:
             row["ratio_vs_diffusers"]["per_step"] = ref["end_to_end"]["per_step_s"] / row["end_to_end"]["per_step_s"]
@@ -249,7 +282,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("|---|" + "---|" * (len(steps) + 3))
     for name, row in results["rows"].items():
         e2e = row["end_to_end"]
-        cells = [f"{e2e[s]['median_s']:.3f}" for s in steps]
+        # A cached row runs at multiples of its interval: its own step counts are shown beside the figures.
+        own = [str(x) for x in row.get("steps", results["steps"])]
+        cells = [f"{e2e[s]['median_s']:.3f}" if s in e2e else f"{e2e[o]['median_s']:.3f} (at {o})"
+                 for s, o in zip(steps, own)]
         per = f"{e2e['per_step_s']:.3f}" if "per_step_s" in e2e else "-"
         ratio = row.get("ratio_vs_diffusers", {})
         rtext = ", ".join(f"{k}: {v:.2f}x" for k, v in ratio.items()) if ratio else "(reference)"
@@ -305,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="PyTorch-backend options to measure, one row each (default: the backend's defaults)")
     p.add_argument("--check-fp32", action="store_true",
                    help="report each row's difference from composekit's fp32 result at the largest step count")
+    p.add_argument("--cache-intervals", type=int, nargs="*", default=None, metavar="N",
+                   help="also measure each variant with feature caching at these intervals (step counts rounded "
+                        "down to multiples of N)")
     p.add_argument("--onnx", action="store_true", help="also measure the onnxruntime backend (exports if needed)")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--models", default=".bench-models", help="where random models are cached")

@@ -184,11 +184,16 @@ class Compositor:
         # Every loader takes device, dtype, vae and local_files_only; each handles vae its own way.
         loaded = open_backend(name, content, device=device, dtype=dtype, vae=vae, local_files_only=local_files_only,
                               **backend_options)
+        logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
+        return cls._from_backend(loaded)
+
+    @classmethod
+    def _from_backend(cls, loaded: Backend) -> "Compositor":
+        """A compositor over an opened backend, with the scheduler, preprocessor and backdrop its card gives."""
         card = loaded.card
         scheduler = DDIMScheduler.from_config(card.scheduler)
         preprocessor = ClipPreprocessor.from_config(card.feature_extractor)
         # cutout_backdrop was checked against its schema when the index or manifest was read (composekit.formats.safe_json)
-        logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
         return cls(loaded, scheduler, preprocessor, card.backdrop)
 
     def paste(
@@ -299,7 +304,9 @@ class Compositor:
                                  f"{self.backend.name} backend's exported decoder has a fixed size. Use "
                                  "decode='window' or backend='torch'")
             if options.cache_interval > 1 and not self.backend.info.feature_cache:
-                raise InputError(f"cache_interval={options.cache_interval} needs the U-Net's shallow pass, which "
+                raise InputError(f"cache_interval={options.cache_interval}"
+                                 f"{' (set by speed=' + repr(options.speed) + ')' if options.speed != 'default' else ''}"
+                                 " needs the U-Net's shallow pass, which "
                                  f"{self.backend.info.source} lacks (an export made before feature caching, or a "
                                  "U-Net that cannot be split). Re-export it with `composekit-export onnx` (and "
                                  "rebuild engines), or use cache_interval=1")

@@ -39,7 +39,7 @@ def _onnx(args: argparse.Namespace) -> int:
     manifest = export_onnx(args.model_dir, args.output, precision="fp16" if args.fp16 else "fp32",
                            dynamic_spatial=args.dynamic_spatial, max_batch=args.max_batch, opset=args.opset,
                            check=not args.no_check, overwrite=args.overwrite, optimize=args.optimize,
-                           tiny_vae=args.tiny_vae)
+                           tiny_vae=args.tiny_vae, int8=args.int8)
     print(f"wrote {args.output} ({manifest['precision']}, opset {manifest['opset']})")
     for name, c in manifest["components"].items():
         size = c["bytes"] + sum(e["bytes"] for e in c["external_data"])
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fuse the U-Net with onnxruntime's transformer optimizer: 'cpu' (attention and layer-norm "
                    "fusions, any provider) or 'cuda' (all fusions, CUDA provider only). Fused graphs run on "
                    "onnxruntime only, not OpenVINO (default: plain graphs)")
+    o.add_argument("--int8", action="store_true",
+                   help="quantize the U-Net graphs to int8 (NNCF post-training quantization, calibrated on composekit's "
+                        "own sampler; needs the int8 extra). OpenVINO, TensorRT and ONNX Runtime run it with no option")
     o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--max-batch", type=int, default=8,

@@ -181,6 +181,7 @@ def export_onnx(
     overwrite: bool = False,
     optimize: str | None = None,
     tiny_vae: str | os.PathLike | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Export ``model_dir`` (a diffusers-layout model directory) to ``out_dir``; returns the manifest.
 
@@ -189,6 +190,8 @@ def export_onnx(
     ONNX Runtime's CUDA provider only, so its check against torch is skipped on machines without it).
     ``tiny_vae``: a diffusers ``AutoencoderTiny`` folder or Hub id (e.g. TAESD) whose decoder is exported
     as the optional ``tiny_vae_decoder`` (used with ``from_pretrained(export, vae="tiny")``).
+    ``int8``: quantize the U-Net graphs to int8 with NNCF, calibrated on inputs captured from composekit's
+    own sampler (see :mod:`composekit_export.quantize`); fp32 only, not with ``optimize``.
     """
     import diffusers
     import onnx
@@ -201,6 +204,13 @@ def export_onnx(
 
     check_choice("precision", precision, ("fp32", "fp16"))
     check_choice("optimize", optimize, ("cpu", "cuda"), nullable=True)
+    if int8 and (precision != "fp32" or optimize):
+        raise InputError("--int8 quantizes fp32 graphs for runtimes that run QDQ graphs (OpenVINO, TensorRT, ONNX "
+                         "Runtime); it does not combine with --fp16 or --optimize")
+    if int8:
+        from composekit_export.quantize import require_nncf
+
+        require_nncf()
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another directory or pass overwrite=True")
@@ -224,6 +234,15 @@ def export_onnx(
     check_integer("max_batch", max_batch, 1, 256)
     specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
     graphs = backend.components  # the torch backend's own module per component spec
+    calibration = None
+    if int8:
+        from composekit_export.quantize import capture_calibration, quantize_graph
+
+        start = time.perf_counter()
+        calibration = capture_calibration(backend)
+        logger.info("int8: captured %d U-Net calibration inputs in %.0f s", len(calibration["unet"]),
+                    time.perf_counter() - start)
+    quantized: dict[str, Any] = {}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".scratch.", dir=out.parent))
@@ -236,6 +255,11 @@ def export_onnx(
                 external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
                 if optimize and name == "unet":
                     external = _fuse(tmp / spec.file, scratch, optimize)
+                if calibration is not None and calibration.get(name):
+                    quantized[name] = quantize_graph(tmp / spec.file, spec, calibration[name], scratch,
+                                                     big=bool(external))
+                    data = tmp / f"{spec.file}.data"
+                    external = [{"file": data.name}] if data.exists() else []
                 seconds = time.perf_counter() - start
                 error = None
                 if check and optimize == "cuda" and name == "unet":
@@ -276,8 +300,10 @@ def export_onnx(
                 "feature_extractor": files.configs["feature_extractor"],
                 "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
                 "tiny_vae": None if vae_dir is None else str(tiny_vae),
+                "int8": quantized or None,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
-                             "transformers": transformers.__version__},
+                             "transformers": transformers.__version__,
+                             **({"nncf": next(iter(quantized.values()))["nncf"]} if quantized else {})},
                 "components": components,
             }
             # The writer and the readers share one schema: what is written here must read back.

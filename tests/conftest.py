@@ -46,6 +46,17 @@ def exported(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory, tiny_model_dir):
+    """The tiny Paint-by-Example model exported with ``int8=True`` (NNCF). Read-only: copy to mutate."""
+    pytest.importorskip("nncf", reason="the int8 extra (NNCF) quantizes the U-Net graphs")
+    from composekit_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("int8") / "pbe-int8"
+    export_onnx(tiny_model_dir, out, int8=True)
+    return out
+
+
 def run_in_threads(fn, args) -> list:
     """``fn(arg)`` for each of ``args``, each in its own thread started together; the results in order.
     An exception in any thread fails the test."""

@@ -39,6 +39,7 @@ def test_harness_writes_json_markdown_and_plot(tmp_path):
 def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("nncf")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--size", "tiny", "--repeats", "1",
                            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -46,11 +47,24 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = results["rows"]
     assert rows["default: from_pretrained(export)"]["backend"] == "openvino"  # auto on this CPU machine
-    assert rows["composekit torch fp32"]["diff_vs_torch_fp32"] == {"max": 0, "mean": 0.0}
+    assert rows["composekit torch fp32"]["diff_vs_torch_fp32"] == {"steps": 4, "max": 0, "mean": 0.0}
     for name in ("onnxruntime fp32 (plain export)", "openvino f32"):
         assert rows[name]["diff_vs_torch_fp32"]["max"] <= 2, name  # fp32 runtimes agree with torch
         assert "decode_tiny" in rows[name]["stages"]
+    from benchmarks.cpu_speed import ROWS
+
+    assert set(rows) | set(results["skipped"]) == set(ROWS) | {"diffusers PaintByExamplePipeline fp32"}
+    assert results["machine"]["cpu"]["class"] in ("AMX", "AVX-512-BF16", "AVX-512", "AVX2", "other")
+    # Cached rows: step counts that are multiples of the interval, the same-runtime ratio, an image difference
+    # against torch fp32 at the same step count.
+    cached = rows["default, cache_interval=5"]
+    assert cached["steps"] == [5, 10] and cached["same_runtime_as"] == "default: from_pretrained(export)"
+    assert cached["per_step_vs_same_runtime"] > 0 and cached["diff_vs_torch_fp32"]["steps"] == 10
+    assert rows["default, cache_interval=3"]["diff_vs_torch_fp32"]["max"] > 0  # caching changes the image
+    assert "int8 U-Net" in rows["int8 export, speed='fast'"]["describe"]
+    assert rows["int8 export, speed='fast'"]["steps"] == [3, 6]
     for row in rows.values():
         e2e = row["end_to_end"]
         assert abs(e2e["at_50_s"] - (e2e["fixed_s"] + 50 * e2e["per_step_s"])) < 1e-9
-    assert "at 50 steps = fixed + 50 x slope, extrapolated" in (tmp_path / "out" / "results.md").read_text()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "at 50 steps = fixed + 50 x slope, extrapolated" in text and text.startswith("CPU: ")

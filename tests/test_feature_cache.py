@@ -183,3 +183,16 @@ def test_cli_flag(tiny_model_dir, tmp_path):
                            "--box", "8,8,40,40", "-o", out, "--model", tiny_model_dir, "--cache-interval", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "cache_interval" in proc.stderr.replace("-", "_")
+
+
+def test_speed_fast_is_caching_at_three_unless_told_otherwise(compositor):
+    from composekit import GenerativeOptions
+
+    assert GenerativeOptions(speed="fast").cache_interval == 3
+    assert GenerativeOptions(speed="fast", cache_interval=5).cache_interval == 5
+    assert GenerativeOptions().cache_interval == 1 and GenerativeOptions().speed == "default"
+    fast, _ = _latents(compositor, steps=4, speed="fast")
+    three, _ = _latents(compositor, steps=4, cache_interval=3)
+    np.testing.assert_array_equal(np.asarray(fast.image), np.asarray(three.image))  # torch: no tiny decoder loaded
+    with pytest.raises(InputError, match="speed"):
+        compositor.paste(noise_object(), gradient_background(64, 64), (0, 0, 32, 32), speed="turbo")

@@ -531,21 +531,25 @@ def test_generated_model_directory_mutations(tiny_model_dir, tmp_path_factory, f
 @given(key=st.integers(0, 200), value=JSON_VALUES,
        target=st.sampled_from(["manifest", "dims", "component", "graph"]),
        action=st.sampled_from(["set", "set", "delete", "truncate", "garbage", "empty", "missing"]), data=st.data(),
-       backend=st.sampled_from(EXPORT_BACKENDS))
-def test_generated_export_mutations(export_dir, tmp_path_factory, key, value, target, action, data, backend):
+       backend=st.sampled_from(EXPORT_BACKENDS), kind=st.sampled_from(["float", "int8"]))
+def test_generated_export_mutations(export_dir, int8_export, tmp_path_factory, key, value, target, action, data,
+                                    backend, kind):
+    """Mutations of a float export and of an int8 one (its QDQ U-Net graphs and its manifest's int8 entry)."""
     root = tmp_path_factory.mktemp("emut") / "e"
-    shutil.copytree(export_dir, root)
+    shutil.copytree(export_dir if kind == "float" else int8_export, root)
+    event(f"export:{kind}")
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
+    count = len(manifest["components"])
     if target == "graph":
-        name = sorted(manifest["components"])[key % 4]
+        name = sorted(manifest["components"])[key % count]
         _file_mutation(root / manifest["components"][name]["file"], action if action not in ("set", "delete")
                        else "garbage")
         if data.draw(st.booleans(), label="rehash") and (root / manifest["components"][name]["file"]).is_file():
             _rehash(root, name)
     elif action in ("set", "delete"):
         holder = manifest if target == "manifest" else manifest["dims"] if target == "dims" else \
-            manifest["components"][sorted(manifest["components"])[key % 4]]
+            manifest["components"][sorted(manifest["components"])[key % count]]
         _set_or_delete(holder, key, value, action, target)
         manifest_path.write_text(json.dumps(manifest))
     else:

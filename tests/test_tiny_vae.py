@@ -85,6 +85,17 @@ def test_exported_tiny_decoder(tiny_model_dir, taesd, tmp_path, backend):
     b = exported.paste(obj, bg, BOX, steps=3, seed=2, progress=False)
     assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 2
     np.testing.assert_array_equal(np.asarray(b.image)[~b.mask], np.asarray(bg)[~b.mask])
+    # Loaded with no vae=, the export decodes with the VAE, and speed="fast" with its tiny decoder (and caching at 3).
+    both = Compositor.from_pretrained(tmp_path / "e", backend=backend, device="cpu", **extra)
+    assert both.backend.decoder == "vae_decoder" and both.backend.fast_decoder == "tiny_vae_decoder"
+    vae_ref = Compositor.from_pretrained(tiny_model_dir, device="cpu").paste(obj, bg, BOX, steps=3, seed=2,
+                                                                              progress=False)
+    c = both.paste(obj, bg, BOX, steps=3, seed=2, progress=False)
+    assert np.abs(np.asarray(c.image, np.int16) - np.asarray(vae_ref.image, np.int16)).max() <= 2
+    fast = both.paste(obj, bg, BOX, steps=3, seed=2, progress=False, speed="fast")
+    tiny_cached = exported.paste(obj, bg, BOX, steps=3, seed=2, progress=False, cache_interval=3)
+    np.testing.assert_array_equal(np.asarray(fast.image), np.asarray(tiny_cached.image))
+    assert np.abs(np.asarray(fast.image, np.int16) - np.asarray(c.image, np.int16)).max() > 2  # not the VAE's
     with pytest.raises(InputError, match="vae='tiny'"):
         Compositor.from_pretrained(tmp_path / "e", backend=backend, device="cpu", vae=str(taesd), **extra)
     export_onnx(tiny_model_dir, tmp_path / "plain")

@@ -136,8 +136,9 @@ class Backend(Protocol):
         """The shallow pass: noise prediction from ``features`` of an earlier full pass (``conv_in``, the last
         up layer, ``conv_out``; only when ``info.feature_cache``)."""
 
-    def decode(self, latents: Any) -> Any:
-        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, f h, f w)`` in ``[-1, 1]`` (not clipped)."""
+    def decode(self, latents: Any, tiny: bool = False) -> Any:
+        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, f h, f w)`` in ``[-1, 1]`` (not clipped). ``tiny``: with
+        the tiny decoder when the backend holds one beside the VAE's (an export made with ``--tiny-vae``)."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest stage timings)."""

@@ -25,10 +25,12 @@ __all__ = ["GraphBackend", "check_external_data", "check_graph_io", "check_expor
 
 def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     """The components to load from an export: the four (with the tiny decoder for ``vae="tiny"``) and the
-    shallow U-Net of feature caching when the export has it. The decoder comes last."""
+    shallow U-Net of feature caching when the export has it. The decoder comes last; with ``vae=None`` an
+    export's tiny decoder comes just before it (``speed="fast"`` decodes with it)."""
     shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
     if vae is None:
-        return (*COMPONENT_NAMES[:-1], *shallow, COMPONENT_NAMES[-1])
+        tiny = ("tiny_vae_decoder",) if manifest.has("tiny_vae_decoder") else ()
+        return (*COMPONENT_NAMES[:-1], *shallow, *tiny, COMPONENT_NAMES[-1])
     if vae != "tiny":
         raise InputError(f"vae={vae!r}: an export decodes with the decoders it was exported with; pass vae='tiny' "
                          "for the tiny decoder exported beside the VAE (composekit-export onnx --tiny-vae DIR), "
@@ -52,6 +54,7 @@ class GraphBackend:
     info: ModelInfo
     arrays: ArrayModule
     decoder: str = "vae_decoder"  # or "tiny_vae_decoder"
+    fast_decoder: str = "vae_decoder"  # what decode(tiny=True) runs: the tiny decoder when it is loaded
 
     def _run(self, component: str, inputs: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
@@ -71,6 +74,7 @@ class GraphBackend:
         self.card = ModelCard.from_manifest(manifest, str(source or manifest.root))
         self.info = self.card.info
         self.decoder = components[-1]
+        self.fast_decoder = "tiny_vae_decoder" if "tiny_vae_decoder" in components else self.decoder
         graphs = {}
         for name in components:
             path = (path_of or manifest.path)(name)
@@ -84,6 +88,10 @@ class GraphBackend:
                 raise ModelError(f"{runtime} could not load {path}: {exc}") from exc
             check_graph_io(*io(graphs[name]), self.specs[name], manifest.precision, path)
         return graphs
+
+    def _int8_note(self) -> str:
+        """``", int8 U-Net"`` for an export quantized with ``--int8`` (for ``describe``), else empty."""
+        return ", int8 U-Net" if self.manifest.int8 else ""
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -128,8 +136,8 @@ class GraphBackend:
                                           "features": features})[0]
 
     @model_call("VAE decoder")
-    def decode(self, latents: Any) -> Any:
-        return self._run(self.decoder, {"latent": latents})[0]
+    def decode(self, latents: Any, tiny: bool = False) -> Any:
+        return self._run(self.fast_decoder if tiny else self.decoder, {"latent": latents})[0]
 
 
 # -- load-time checks of an export's graphs ------------------------------------------------------------

@@ -84,7 +84,7 @@ class OpenVINOBackend(GraphBackend):
             self._compiled(name, batch)
 
     def describe(self) -> str:
-        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}"
+        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}{self._int8_note()}"
 
     def _compiled(self, name: str, batch: int) -> Any:
         """The model compiled for batch ``batch`` with the spec's fixed sizes (compiled once, then kept)."""

@@ -362,7 +362,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     @model_call("VAE decoder")
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiny: bool = False) -> torch.Tensor:
+        # One decoder: the VAE's, or the tiny one when loaded with vae= (then for every call).
         return self.components[self.decoder](latents)
 
     def use_tiny_vae(self, tiny_vae: Any) -> None:

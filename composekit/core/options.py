@@ -237,6 +237,7 @@ class Declared:
 # -- the paste options ---------------------------------------------------------------------------------
 
 GEN, CLASSIC = ("generative",), ("classic",)
+FAST_CACHE_INTERVAL = 3  # speed="fast": one full U-Net pass in 3 (DeepCache's setting for its 2.3x on SD 1.5)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,10 @@ class PasteOptions(Declared):
     cache_interval: int = option(1, "feature caching: a full U-Net pass every N steps and, in between, a shallow pass "
                                  "that reuses its deep features (1 = off; 3 is about 2x faster per step, at some "
                                  "cost in quality)", lo=1, hi=MAX_STEPS, methods=GEN)
+    speed: str = option("default", "a named speed/quality trade: 'fast' = feature caching at cache_interval 3 (unless "
+                        "another interval is given), the tiny decoder when the model holds one (an export made with "
+                        "--tiny-vae), and the export's int8 U-Net when it was made with --int8", choices=("default", "fast"),
+                        methods=GEN)
     decode: str = option("window", "decode the whole context window, or only the edited region's cells plus a "
                          "64-pixel margin (needs a decoder that takes any size: torch)", choices=("window", "region"),
                          methods=GEN)
@@ -279,6 +284,8 @@ class PasteOptions(Declared):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.speed == "fast" and self.cache_interval == 1:
+            object.__setattr__(self, "cache_interval", FAST_CACHE_INTERVAL)
         if self.method in METHODS:
             for name, spec in self.specs().items():
                 if self.method not in spec.methods and getattr(self, name) != spec.default:

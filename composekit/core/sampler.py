@@ -257,22 +257,23 @@ def denoise(backend: Backend, scheduler: Scheduler, enc: Encoded, options: Paste
 
 
 def decode(backend: Backend, x: Any, keep: np.ndarray, windows: list[np.ndarray], mode: str,
-           rows: list[int]) -> dict[int, np.ndarray]:
+           rows: list[int], tiny: bool = False) -> dict[int, np.ndarray]:
     """Stage 3: decode the jobs in ``rows`` (their whole windows in one call, or with ``mode="region"`` each
     job's hole cells plus a margin: the rest of a window is never pasted back) and map ``[-1, 1]`` -> uint8
-    over a copy of each window. Returns row -> image; a row whose decoded pixels are not finite is left out."""
+    over a copy of each window. Returns row -> image; a row whose decoded pixels are not finite is left out.
+    ``tiny``: with the backend's tiny decoder when it holds one (``speed="fast"``)."""
     f = backend.info.vae_scale_factor
     cells = {r: decode_cells(keep[r, 0], mode) for r in rows}
     out: dict[int, np.ndarray] = {}
     if mode == "window" or all(c == (0, keep.shape[2], 0, keep.shape[3]) for c in cells.values()):
         picked = x if len(rows) == x.shape[0] else backend.cat([x[r:r + 1] for r in rows], 0)
-        decoded = backend.to_numpy(backend.decode(picked))
+        decoded = backend.to_numpy(backend.decode(picked, tiny=tiny))
         parts = {r: decoded[j] for j, r in enumerate(rows)}
     else:
         parts = {}
         for r in rows:
             ya, yb, xa, xb = cells[r]
-            parts[r] = backend.to_numpy(backend.decode(x[r:r + 1, :, ya:yb, xa:xb]))[0]
+            parts[r] = backend.to_numpy(backend.decode(x[r:r + 1, :, ya:yb, xa:xb], tiny=tiny))[0]
     for r, decoded in parts.items():
         if not np.isfinite(decoded).all():
             continue
@@ -323,7 +324,8 @@ def sample_batch(backend: Backend, scheduler: Scheduler, jobs: list[Job], option
     final = backend.to_numpy(x)
     finite = _finite_rows(final)
     rows = [r for r in range(len(jobs)) if finite[r]]
-    images = decode(backend, x, enc.keep, [j.window for j in jobs], options.decode, rows) if rows else {}
+    images = decode(backend, x, enc.keep, [j.window for j in jobs], options.decode, rows,
+                    tiny=options.speed == "fast") if rows else {}
     lap("decode", t0)
     guide = backend.to_numpy(enc.guide) if enc.guide is not None else None
     results: list[SampleOutput | NumericalError] = []

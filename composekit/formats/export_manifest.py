@@ -78,6 +78,11 @@ class ExportManifest:
         return self.data.get("optimized")
 
     @property
+    def int8(self) -> dict[str, Any]:
+        """The components quantized to int8 at export (``--int8``), each with how; empty for a float export."""
+        return dict(self.data.get("int8") or {})
+
+    @property
     def precision(self) -> str:
         return str(self.data["precision"])
 

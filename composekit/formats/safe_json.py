@@ -288,6 +288,8 @@ SCHEMAS: dict[str, Schema] = {
         "max_batch": Field(("int",), False, _int_in(1, 256), "an integer in 1..256"),
         "optimized": Field(("str", "null"), False, lambda v: v in (None, "cpu", "cuda"), "null, 'cpu' or 'cuda'"),
         "tiny_vae": Field(("str", "null"), expect="null or where the tiny decoder came from"),
+        "int8": Field(("object", "null"), False, lambda v: all(isinstance(x, dict) for x in v.values()),
+                      expect="null or an object: component -> how it was quantized"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": _BACKDROP,
