@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif stages and where in ("onnx", "int8"):  # the export's tiny decoder, loaded beside its VAE decoder
             add_tiny_vae(name, _FastDecoder(comp.backend.inner))
         if name == "composekit torch fp32":  # the references at the other rows' step counts
-            for s in sorted({s for r in rows for s in row_steps(ROWS[r][2])} - set(references)):
+            for s in sorted({row_steps(ROWS[r][2])[-1] for r in rows} - set(references)):
                 references[s] = np.asarray(paste(comp, s, {}), np.int16)
         del comp
         gc.collect()
@@ -272,7 +272,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"median of {results['repeats']} after one warm-up. End to end: one run at each of two step counts (multiples "
              "of the caching interval for cached rows); **at 50 steps = fixed + 50 x slope, extrapolated**."
              + "".join(f" Skipped: {k} ({v})." for k, v in results.get("skipped", {}).items()), "",
-             "| row | runs as | encode object | encode image | U-Net step (x torch fp32) | decode | decode, tiny VAE "
+             "| row | runs as | encode object | encode image | U-Net step, guided (x torch fp32) | decode | decode, tiny VAE "
              "(x faster) | end to end (steps: s) | per step (x same runtime uncached) | at 50 (x diffusers) | at 50, "
              "tiny VAE (x diffusers) | region diff vs torch fp32 (max / mean, at steps) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -280,6 +280,8 @@ def markdown(results: dict[str, Any]) -> str:
         st, e2e = row.get("stages", {}), row["end_to_end"]
         cell = lambda k: f"{st[k]:.2f} s" if k in st else "-"  # noqa: E731
         step = f"{st['unet_step']:.2f} s ({row['unet_step_vs_torch_fp32']:.2f}x)" if st else "-"
+        if "unet_shallow" in st:
+            step += f"; shallow pass {st['unet_shallow']:.2f} s"
         tiny = f"{st['decode_tiny']:.3f} s ({row['decode_speedup_tiny_vae']:.0f}x)" if "decode_tiny" in st else "-"
         at50t = (f"{e2e['at_50_tiny_vae_s']:.0f} s ({row['vs_diffusers_at_50_tiny_vae']:.2f}x)"
                  if "at_50_tiny_vae_s" in e2e else "-")

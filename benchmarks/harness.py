@@ -117,6 +117,9 @@ def stage_times(comp: Compositor, repeats: int, warmup: int) -> dict[str, dict[s
         "unet_step": lambda: b.unet(sample, 500, context),
         "decode": lambda: b.decode(latent),
     }
+    if info.feature_cache:  # feature caching's shallow pass, on the features of one full pass
+        _, features = b.unet_with_features(sample, 500, context)
+        calls["unet_shallow"] = lambda: b.unet_shallow(sample, 400, context, features)
     return {k: _timeit(fn, repeats, warmup, b.synchronize) for k, fn in calls.items()}
 
 

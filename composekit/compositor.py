@@ -187,6 +187,12 @@ class Compositor:
         logger.info("loaded %s with backend %s (%s)", root, name, loaded.describe())
         return cls._from_backend(loaded)
 
+    def _compute(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` where the backend wants its work done: the torch backend runs all of it on one thread
+        per process (OpenMP speed does not then depend on the calling thread); the others on the caller's."""
+        compute = getattr(self.backend, "compute", None)
+        return compute(fn, *args) if compute is not None else fn(*args)
+
     @classmethod
     def _from_backend(cls, loaded: Backend) -> "Compositor":
         """A compositor over an opened backend, with the scheduler, preprocessor and backdrop its card gives."""
@@ -357,7 +363,7 @@ class Compositor:
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """One object, generated: (new background pixels, changed pixels of the box, stage timings)."""
         prep = self._prepare(rgb, ob, region_box, region_mask, seed, opts, latents)
-        out = sample_batch(self.backend, self.scheduler, [prep.job], opts, callback)[0]
+        out = self._compute(sample_batch, self.backend, self.scheduler, [prep.job], opts, callback)[0]
         if isinstance(out, ComposekitError):
             raise out
         return self._finish(prep, out, opts)
@@ -436,7 +442,8 @@ class Compositor:
                 results[i] = exc
         if prepared:
             rows = sorted(prepared)
-            outs = sample_batch(self.backend, self.scheduler, [prepared[i][1].job for i in rows], opts, callback)
+            outs = self._compute(sample_batch, self.backend, self.scheduler, [prepared[i][1].job for i in rows], opts,
+                                 callback)
             for i, out in zip(rows, outs):
                 bg, prep, seed = prepared[i]
                 if isinstance(out, ComposekitError):

@@ -19,6 +19,7 @@ so a failed export leaves no directory that would load.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -255,11 +256,6 @@ def export_onnx(
                 external = _export_one(graphs[name], spec, scratch, tmp, opset, float_dtype)
                 if optimize and name == "unet":
                     external = _fuse(tmp / spec.file, scratch, optimize)
-                if calibration is not None and calibration.get(name):
-                    quantized[name] = quantize_graph(tmp / spec.file, spec, calibration[name], scratch,
-                                                     big=bool(external))
-                    data = tmp / f"{spec.file}.data"
-                    external = [{"file": data.name}] if data.exists() else []
                 seconds = time.perf_counter() - start
                 error = None
                 if check and optimize == "cuda" and name == "unet":
@@ -270,19 +266,26 @@ def export_onnx(
                     reference = _fp32_copy(graphs[name]) if precision == "fp16" else graphs[name]
                     error = _check_one(reference, spec, tmp / spec.file, float_dtype)
                     logger.info("%s: max |onnxruntime - torch| = %.3g", name, error)
-                for item in external:
-                    item.update(sha256=sha256_file(tmp / item["file"]), bytes=(tmp / item["file"]).stat().st_size)
-                components[name] = {
-                    "file": spec.file,
-                    "sha256": sha256_file(tmp / spec.file),
-                    "bytes": (tmp / spec.file).stat().st_size,
-                    "external_data": external,
-                    "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64"
-                                else float_dtype} for t in spec.inputs],
-                    "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],
-                    "max_abs_error_vs_torch": error,
-                    "export_seconds": round(seconds, 2),
-                }
+                components[name] = _entry(tmp, spec, external, float_dtype, error, seconds)
+            if calibration is not None:
+                # The torch modules are not needed any more: free their memory for NNCF (a full-size U-Net is
+                # 3.4 GB in the graph, the session and the statistics each).
+                del backend, graphs
+                gc.collect()
+                for name in ("unet", "unet_shallow"):
+                    if name not in components:
+                        continue
+                    spec, start = specs[name], time.perf_counter()
+                    quantized[name] = quantize_graph(tmp / spec.file, spec, calibration[name], scratch,
+                                                     big=bool(components[name]["external_data"]))
+                    seconds = components[name]["export_seconds"] + time.perf_counter() - start
+                    data = tmp / f"{spec.file}.data"
+                    error = _check_against(tmp / spec.file, calibration[name], calibration["outputs"]) if check \
+                        else None
+                    logger.info("%s (int8): max |onnxruntime - torch fp32| = %.3g on %s calibration inputs", name,
+                                error or float("nan"), CHECKED_INPUTS)
+                    components[name] = _entry(tmp, spec, [{"file": data.name}] if data.exists() else [], float_dtype,
+                                              error, seconds)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -312,6 +315,36 @@ def export_onnx(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return manifest
+
+
+CHECKED_INPUTS = 3  # calibration inputs an int8 graph is compared with torch on (their recorded fp32 outputs)
+
+
+def _check_against(path: Path, samples: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> float:
+    """Max abs difference between ONNX Runtime (CPU) on ``samples`` and torch's recorded outputs for them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    picked = np.linspace(0, len(samples) - 1, min(CHECKED_INPUTS, len(samples))).astype(int)
+    return max(float(np.abs(session.run(["noise_pred"], samples[i])[0] - outputs[i]).max()) for i in picked)
+
+
+def _entry(root: Path, spec: ComponentSpec, external: list[dict], float_dtype: str, error: float | None,
+           seconds: float) -> dict[str, Any]:
+    """A component's manifest entry: its files (sha256, bytes), inputs and outputs, error, export time."""
+    for item in external:
+        item.update(sha256=sha256_file(root / item["file"]), bytes=(root / item["file"]).stat().st_size)
+    return {
+        "file": spec.file,
+        "sha256": sha256_file(root / spec.file),
+        "bytes": (root / spec.file).stat().st_size,
+        "external_data": external,
+        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64" else float_dtype}
+                   for t in spec.inputs],
+        "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],
+        "max_abs_error_vs_torch": error,
+        "export_seconds": round(seconds, 2),
+    }
 
 
 def _fp32_copy(module):

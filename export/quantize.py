@@ -54,13 +54,15 @@ def require_nncf() -> Any:
 def capture_calibration(backend: Any, pastes: int = CALIBRATION_PASTES, steps: int = CALIBRATION_STEPS
                         ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs of every U-Net call while ``backend`` (the torch backend being exported) samples the demo images:
-    ``{"unet": [...], "unet_shallow": [...]}``, each a list of the graph's input dicts (numpy, float32/int64)."""
+    ``{"unet": [...], "unet_shallow": [...], "outputs": [...]}``: each graph's input dicts (numpy, float32/int64)
+    and torch's noise prediction for each (the same for both graphs: the shallow pass on the features of the
+    same pass is the full pass)."""
     from composekit.apps.demo import demo_images
     from composekit.compositor import Compositor
 
     background, obj, _ = demo_images()
     comp = Compositor._from_backend(backend)
-    samples: dict[str, list[dict[str, np.ndarray]]] = {"unet": [], "unet_shallow": []}
+    samples: dict[str, list[Any]] = {"unet": [], "unet_shallow": [], "outputs": []}
     inner = comp.backend.inner
 
     def recording_unet(sample: Any, timestep: int, context: Any) -> Any:
@@ -72,6 +74,7 @@ def capture_calibration(backend: Any, pastes: int = CALIBRATION_PASTES, steps: i
                   "timestep": np.full((sample.shape[0],), int(timestep), np.int64),
                   "encoder_hidden_states": inner.to_numpy(context)}
         samples["unet"].append(inputs)
+        samples["outputs"].append(inner.to_numpy(eps))
         if features is not None:
             samples["unet_shallow"].append({**inputs, "features": inner.to_numpy(features)})
         return eps

@@ -152,9 +152,10 @@ def test_load_classic_method_bit_identical():
 
 
 def test_micro_batching_within_paste_batch_tolerance(tiny_model_dir):
-    expected = _expected(Compositor.from_pretrained(tiny_model_dir, device="cpu"))
+    # With feature caching (a form field from the option declarations): batched steps share full and shallow passes.
+    expected = _expected(Compositor.from_pretrained(tiny_model_dir, device="cpu"), cache_interval=2)
     with serving("--model", tiny_model_dir, "--device", "cpu", "--max-batch", 4, "--max-wait-ms", 300) as (url, _):
-        sizes = _load(url, 32, 8, expected, tolerance=1)
+        sizes = _load(url, 32, 8, expected, tolerance=1, cache_interval=2)
         assert max(sizes) > 1  # requests were composited together
         _, _, body = call(url, "/metrics")
         assert "composekit_batch_size_count" in body.decode()

@@ -8,9 +8,11 @@ loading, so one backend may serve several threads at once (each call allocates i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,43 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # `from diffusers import AutoencoderKL` at once can see a half-initialised module (ImportError). Model
 # loads take this lock, so concurrent from_pretrained calls load one after another.
 _LOAD_LOCK = threading.RLock()
+
+
+class ComputeThread:
+    """The one thread of this process that runs composekit's torch work (loading, model calls, the sampler).
+
+    Why: libgomp (PyTorch's OpenMP on Linux) gives every thread that starts parallel work its own team of
+    worker threads, and once the process has more such threads than cores it stops spinning between parallel
+    regions and sleeps instead. A model loaded on the main thread and then called from a service's worker
+    thread (or from a new thread per request) has two teams: measured on a 2-core AVX2 CPU, a 150-step tiny
+    paste took 5.1-6.6 s from a worker thread against 1.8-2.0 s on the main thread, and 1.9 s from any
+    thread once all torch work ran on one thread (``benchmarks/threads.py``). So every caller hands its torch
+    work to this thread; concurrent callers' calls run one after another (they would share the same cores
+    anyway). Torch work a program does itself on other threads still makes teams of its own.
+    """
+
+    _executor: ThreadPoolExecutor | None = None
+    _ident: int | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def run(cls, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the compute thread (directly when already on it); exceptions propagate."""
+        if threading.get_ident() == cls._ident:
+            return fn(*args, **kwargs)
+        with cls._lock:
+            if cls._executor is None:
+                cls._executor = ThreadPoolExecutor(1, thread_name_prefix="composekit-torch")
+                cls._ident = cls._executor.submit(threading.get_ident).result()
+        return cls._executor.submit(fn, *args, **kwargs).result()
+
+
+def on_compute_thread(fn: Any) -> Any:
+    """Run the decorated function on :class:`ComputeThread`."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return ComputeThread.run(fn, *args, **kwargs)
+    return call
 
 
 def _check_weight_dtypes(files: ModelFiles, name: str) -> None:
@@ -293,6 +332,11 @@ class TorchBackend:
         if tap is not None:
             self.components["unet_shallow"] = ShallowUNet(self.unet_model).eval()
 
+    @staticmethod
+    def compute(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` (the sampler) on the thread that runs every torch call (see :class:`ComputeThread`)."""
+        return ComputeThread.run(fn, *args, **kwargs)
+
     def describe(self) -> str:
         extras = (["channels_last"] if self.channels_last else []) + (
             [f"compiled ({self.compile_mode if isinstance(self.compile_mode, str) else 'default'})"]
@@ -317,11 +361,13 @@ class TorchBackend:
 
     # -- the four components ----------------------------------------------------------------------
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("image encoder")
     def encode_object(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return self.components["object_encoder"](self.asarray(pixels))
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("VAE encoder")
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -343,23 +389,27 @@ class TorchBackend:
             torch.compiler.cudagraph_mark_step_begin()
         return sample
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("U-Net")
     def unet(self, sample: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
         return self.components["unet"].predict(self._sample(sample), self._timestep(timestep), context)
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("U-Net")
     def unet_with_features(self, sample: torch.Tensor, timestep: int, context: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.components["unet"](self._sample(sample), self._timestep(timestep), context)
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("U-Net (shallow pass)")
     def unet_shallow(self, sample: torch.Tensor, timestep: int, context: torch.Tensor,
                      features: torch.Tensor) -> torch.Tensor:
         return self.components["unet_shallow"](self._sample(sample), self._timestep(timestep), context, features)
 
+    @on_compute_thread
     @torch.inference_mode()
     @model_call("VAE decoder")
     def decode(self, latents: torch.Tensor, tiny: bool = False) -> torch.Tensor:
@@ -403,6 +453,7 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     return module.to(device).eval()  # already in dtype (torch_dtype above)
 
 
+@on_compute_thread
 def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
          compile: bool | str = False, vae: str | os.PathLike | None = None,
          local_files_only: bool = False) -> TorchBackend:
