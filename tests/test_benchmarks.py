@@ -29,7 +29,8 @@ def test_harness_writes_json_markdown_and_plot(tmp_path):
     assert results["rows"]["composekit-torch-float32"]["diff_vs_fp32"]["max"] == 0
     assert results["rows"]["composekit-onnxruntime-fp32"]["diff_vs_fp32"]["max"] <= 2
     row = results["rows"]["composekit-torch-float32"]
-    assert set(row["stages"]) == {"encode_object", "encode_image", "unet_step", "decode"}
+    # unet_shallow: feature caching's shallow pass, timed where the model has one (every torch model here)
+    assert set(row["stages"]) == {"encode_object", "encode_image", "unet_step", "decode", "unet_shallow"}
     assert set(row["ratio_vs_diffusers"]) == {"2", "3", "per_step"}
     assert all(row["stages"][s]["n"] == 2 for s in row["stages"])
     assert "speed-up vs diffusers" in (tmp_path / "out" / "results.md").read_text()

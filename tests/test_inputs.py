@@ -167,8 +167,8 @@ def test_non_finite_values_are_a_numerical_error(compositor, monkeypatch):
     backend = compositor.backend
     real = backend.decode
 
-    def broken(latents):
-        out = real(latents)
+    def broken(latents, tiny=False):
+        out = real(latents, tiny=tiny)
         return out * float("nan")
 
     monkeypatch.setattr(backend, "decode", broken)
