@@ -9,8 +9,10 @@ inputs captured from composekit's own sampler.
 2. **Quantization**: ``nncf.quantize`` on the exported ONNX graph (8-bit activations and weights,
    preset MIXED: symmetric weights, asymmetric activations; model type TRANSFORMER, which keeps
    attention's softmax inputs in float), weights folded into int8 initializers. The result is a QDQ
-   ONNX graph: its inputs and outputs stay float32, so every runtime loads it with no option — OpenVINO
-   and TensorRT run its convolutions and matrix products in int8; ONNX Runtime runs it too.
+   ONNX graph: its inputs and outputs stay float32, so every runtime loads it with no option. OpenVINO runs
+   its convolutions and fully connected layers in int8 (seen in its runtime model), ONNX Runtime runs it
+   too, TensorRT would build it as an explicitly quantized network (not run here). On an AVX2-only CPU
+   (no VNNI) it measured no faster than f32 (docs/benchmarks.md).
 
 Only the U-Net graphs are quantized (they are where the time goes); the encoders and decoders stay float.
 """
