@@ -52,17 +52,20 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     if not (paths["taesd"] / "config.json").exists():
         make_random_tiny_vae(paths["taesd"], size, seed=0, overwrite=True)
 
-    def current(path: Path, *need: str) -> bool:  # an export of this composekit's format, with what the rows need
+    def current(path: Path, *need: str, int8: bool = False) -> bool:
+        """An export of this composekit's format there, with the components the rows need (and int8 graphs)."""
         manifest = path / "manifest.json"
-        return manifest.exists() and all(n in json.loads(manifest.read_text()).get("components", {})
-                                         for n in need) and (path.name != paths["int8"].name or
-                                                             bool(json.loads(manifest.read_text()).get("int8")))
+        if not manifest.exists():
+            return False
+        data = json.loads(manifest.read_text())
+        return all(n in data.get("components", {}) for n in need) and (not int8 or bool(data.get("int8")))
 
     if not current(paths["onnx"], "tiny_vae_decoder", "unet_shallow"):
         export_onnx(paths["model"], paths["onnx"], tiny_vae=paths["taesd"], overwrite=True)
     if any(ROWS[r][0] == "fused" for r in rows) and not current(paths["fused"], "unet_shallow"):
         export_onnx(paths["model"], paths["fused"], optimize="cpu", overwrite=True)
-    if any(ROWS[r][0] == "int8" for r in rows) and not current(paths["int8"], "tiny_vae_decoder", "unet_shallow"):
+    if any(ROWS[r][0] == "int8" for r in rows) and not current(paths["int8"], "tiny_vae_decoder", "unet_shallow",
+                                                                        int8=True):
         export_onnx(paths["model"], paths["int8"], tiny_vae=paths["taesd"], int8=True, overwrite=True)
     return paths
 

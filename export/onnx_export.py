@@ -67,16 +67,25 @@ def _export_one(module, spec: ComponentSpec, scratch: Path, dest: Path, opset: i
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     big = sum(f.stat().st_size for f in work.iterdir()) > _TWO_GB
     model = onnx.load(str(work / spec.file), load_external_data=True)
-    data_name = f"{spec.file}.data"
-    if big:
-        onnx.save_model(model, str(dest / spec.file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(dest / spec.file))
+    external = save_graph(model, dest / spec.file, big)
     del model
     shutil.rmtree(work)
     onnx.checker.check_model(str(dest / spec.file))
-    return [{"file": data_name}] if big else []
+    return external
+
+
+def save_graph(model: Any, path: Path, big: bool) -> list[dict]:
+    """Write an ONNX ``model`` to ``path``, its weights in one ``NAME.onnx.data`` file beside it when ``big``
+    (over protobuf's 2 GB); returns the external-data files written, as the manifest lists them."""
+    import onnx
+
+    if not big:
+        onnx.save_model(model, str(path))
+        return []
+    data_name = f"{path.name}.data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024)
+    return [{"file": data_name}]
 
 
 # ONNX Runtime's U-Net fusions that need CUDA kernels (no CPU implementation in onnxruntime 1.32).

@@ -102,6 +102,8 @@ def quantize_graph(path: Path, spec: ComponentSpec, samples: list[dict[str, np.n
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     import onnx
 
+    from composekit_export.onnx_export import save_graph
+
     model = onnx.load(str(path), load_external_data=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,14 +116,9 @@ def quantize_graph(path: Path, spec: ComponentSpec, samples: list[dict[str, np.n
     del model
     work = scratch / f"int8-{spec.name}"
     work.mkdir()
-    data_name = f"{spec.file}.data"
-    if big:
-        onnx.save_model(quantized, str(work / spec.file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(quantized, str(work / spec.file))
+    save_graph(quantized, work / spec.file, big)  # beside, then moved in: the old weights may still be read
     del quantized
-    old_data = path.parent / data_name
+    old_data = path.parent / f"{spec.file}.data"
     if old_data.exists():
         old_data.unlink()
     for f in work.iterdir():

@@ -79,7 +79,7 @@ class ModelInfo:
         return cls(family=manifest.family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
                    latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source,
                    max_batch=manifest.max_batch,
-                   feature_channels=dims.feature_channels if manifest.has("unet_shallow") else 0)
+                   feature_channels=dims.feature_channels)  # nonzero exactly when unet_shallow is there (checked)
 
 
 @dataclass(frozen=True)

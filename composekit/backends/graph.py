@@ -16,8 +16,8 @@ import numpy as np
 
 from composekit.backends.arrays import ArrayModule
 from composekit.backends.base import ModelCard, ModelInfo, model_call
-from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
+from composekit.formats.export_manifest import load_order
 from composekit.formats.safe_json import inside
 
 __all__ = ["GraphBackend", "check_external_data", "check_graph_io", "check_export_dtype", "graph_components"]
@@ -27,10 +27,9 @@ def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     """The components to load from an export: the four (with the tiny decoder for ``vae="tiny"``) and the
     shallow U-Net of feature caching when the export has it. The decoder comes last; with ``vae=None`` an
     export's tiny decoder comes just before it (``speed="fast"`` decodes with it)."""
-    shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
     if vae is None:
         tiny = ("tiny_vae_decoder",) if manifest.has("tiny_vae_decoder") else ()
-        return (*COMPONENT_NAMES[:-1], *shallow, *tiny, COMPONENT_NAMES[-1])
+        return load_order(manifest, (*tiny, "vae_decoder"))
     if vae != "tiny":
         raise InputError(f"vae={vae!r}: an export decodes with the decoders it was exported with; pass vae='tiny' "
                          "for the tiny decoder exported beside the VAE (composekit-export onnx --tiny-vae DIR), "
@@ -38,7 +37,7 @@ def graph_components(manifest: Any, vae: Any) -> tuple[str, ...]:
     if not manifest.has("tiny_vae_decoder"):
         raise InputError(f"vae='tiny': the export {manifest.root} has no tiny decoder; re-export it with "
                          "`composekit-export onnx MODEL OUT --tiny-vae TAESD_DIR`, or pass vae=None")
-    return (*COMPONENT_NAMES[:-1], *shallow, "tiny_vae_decoder")
+    return load_order(manifest, ("tiny_vae_decoder",))
 
 
 def check_export_dtype(manifest: Any, dtype: Any, fix: str) -> None:
@@ -118,22 +117,23 @@ class GraphBackend:
     def encode_image(self, image: Any) -> Any:
         return self._run("vae_encoder", {"image": image})[0]
 
+    def _unet_inputs(self, sample: Any, timestep: int, context: Any) -> dict[str, Any]:
+        """The U-Net graphs' common inputs (the timestep repeated over the batch, on the backend's device)."""
+        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
+        return {"sample": sample, "timestep": t, "encoder_hidden_states": context}
+
     @model_call("U-Net")
     def unet(self, sample: Any, timestep: int, context: Any) -> Any:
-        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
-        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
+        return self._run("unet", self._unet_inputs(sample, timestep, context))[0]
 
     @model_call("U-Net")
     def unet_with_features(self, sample: Any, timestep: int, context: Any) -> tuple[Any, Any]:
-        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
-        eps, features = self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})
+        eps, features = self._run("unet", self._unet_inputs(sample, timestep, context))
         return eps, features
 
     @model_call("U-Net (shallow pass)")
     def unet_shallow(self, sample: Any, timestep: int, context: Any, features: Any) -> Any:
-        t = self.arrays.from_host(np.full((sample.shape[0],), int(timestep), np.int64), np.int64)
-        return self._run("unet_shallow", {"sample": sample, "timestep": t, "encoder_hidden_states": context,
-                                          "features": features})[0]
+        return self._run("unet_shallow", {**self._unet_inputs(sample, timestep, context), "features": features})[0]
 
     @model_call("VAE decoder")
     def decode(self, latents: Any, tiny: bool = False) -> Any:

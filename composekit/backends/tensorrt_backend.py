@@ -92,8 +92,9 @@ class TensorRTBackend(GraphBackend):
             inputs = [t for t in tensors if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT]
             return [rows[t] for t in inputs], [rows[t] for t in tensors if t not in inputs]
 
-        self.engines: dict[str, Any] = self._open_export(engine_dir.manifest, engine_components(engine_dir.manifest), read, io, "TensorRT",
-                                                         path_of=engine_dir.path, source=engine_dir.root)
+        self.engines: dict[str, Any] = self._open_export(engine_dir.manifest, engine_components(engine_dir.manifest),
+                                                         read, io, "TensorRT", path_of=engine_dir.path,
+                                                         source=engine_dir.root)
         self.dtypes: dict[str, dict[str, np.dtype]] = {
             name: {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t)))
                    for t in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}

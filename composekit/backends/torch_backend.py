@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from composekit.backends.base import ModelCard, ModelInfo, model_call
-from composekit.backends.unet_split import FeatureTap, ShallowUNet, check_splittable, feature_channels
+from composekit.backends.unet_split import FeatureTap, ShallowUNet, feature_channels
 from composekit.core.devices import parse_device
 from composekit.core.options import check_bool, check_choice
 from composekit.errors import BackendUnavailableError, InputError, ModelError
@@ -302,7 +302,6 @@ class TorchBackend:
             self._unet_call = torch.compile(self.unet_model, mode=mode, fullgraph=False, dynamic=False)
         # Feature caching: the full pass also yields the deep features; the shallow pass reuses them.
         try:
-            check_splittable(self.unet_model)
             tap = FeatureTap(self.unet_model)
         except ModelError as exc:
             logger.info("feature caching unavailable: %s", exc)

@@ -50,6 +50,7 @@ class FeatureTap:
     active only for the thread inside :meth:`__call__` (a backend serves several threads at once)."""
 
     def __init__(self, unet: Any) -> None:
+        check_splittable(unet)  # raises ModelError for a U-Net the split does not reproduce
         self.skip = int(unet.conv_in.out_channels)
         self._local = threading.local()
         unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(self._hook)
@@ -80,11 +81,11 @@ class FeatureTap:
 
 
 class ShallowUNet(torch.nn.Module):
-    """The ``unet_shallow`` spec: (sample, timestep, context, cached ``h``) -> noise prediction."""
+    """The ``unet_shallow`` spec: (sample, timestep, context, cached ``h``) -> noise prediction, for a U-Net that a
+    :class:`FeatureTap` accepted."""
 
     def __init__(self, unet: Any) -> None:
         super().__init__()
-        check_splittable(unet)
         self.unet = unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -22,10 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, EngineIncompatibleError, ModelError, install_hint
 from composekit.formats.atomic import atomic_file
-from composekit.formats.export_manifest import ExportManifest, check_manifest_data, sha256_file
+from composekit.formats.export_manifest import ExportManifest, check_manifest_data, load_order, sha256_file
 from composekit.formats.safe_json import SCHEMAS, check, inside, read_json, regular_file
 
 __all__ = ["EngineSidecar", "sidecar_path", "write_sidecar", "read_sidecar", "check_engine", "REBUILD_HINT",
@@ -139,8 +138,7 @@ class EngineDir:
 def engine_components(manifest: ExportManifest) -> tuple[str, ...]:
     """The components an engine directory holds: the four, and the shallow U-Net (feature caching) when the
     export has it (the decoder last, as the runtimes expect)."""
-    shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
-    return (*COMPONENT_NAMES[:-1], *shallow, COMPONENT_NAMES[-1])
+    return load_order(manifest, ("vae_decoder",))
 
 
 def read_engine_dir(root: str | os.PathLike) -> EngineDir:

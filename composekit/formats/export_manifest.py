@@ -28,7 +28,7 @@ from composekit.core.specs import (
 from composekit.errors import ModelError
 from composekit.formats.safe_json import SCHEMAS, check, inside, read_json, regular_file
 
-__all__ = ["MANIFEST", "FORMAT", "ExportManifest", "read_manifest", "sha256_file"]
+__all__ = ["MANIFEST", "FORMAT", "ExportManifest", "load_order", "read_manifest", "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT = "composekit-onnx"
@@ -107,6 +107,13 @@ class ExportManifest:
 
     def path(self, name: str) -> Path:
         return _inside(self.root, self.data["components"][name]["file"])
+
+
+def load_order(manifest: ExportManifest, decoders: tuple[str, ...]) -> tuple[str, ...]:
+    """The components a runtime opens from an export, in order: the object encoder and U-Net, the shallow U-Net
+    (feature caching) when the export has it, the VAE encoder, then ``decoders`` (the one that decodes last)."""
+    shallow = ("unet_shallow",) if manifest.has("unet_shallow") else ()
+    return (*COMPONENT_NAMES[:-1], *shallow, *decoders)
 
 
 def _present(data: dict[str, Any]) -> list[str]:
