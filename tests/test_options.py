@@ -85,7 +85,8 @@ def test_options_of_the_other_method_are_refused_in_python():
 def test_text_is_read_strictly():
     steps = PasteOptions.specs()["steps"]
     assert steps.parse("40") == 40 and PasteOptions.specs()["eta"].parse(".5") == 0.5
-    for text in ("٤٠", "1_0", " 3 ", "3.0", "", "1e3", "0x10"):
+    assert steps.parse("40.0") == 40  # integer-valued, as JSON and the OpenAPI schema's "integer" allow
+    for text in ("٤٠", "1_0", " 3 ", "3.5", "3.", "", "1e3", "0x10"):
         with pytest.raises(InputError, match="steps must be an integer"):
             steps.parse(text)
     assert PasteOptions.specs()["feather"].parse("none") is None

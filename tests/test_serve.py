@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client
 import io
 import json
+import os
 import signal
 import socket
 import struct
@@ -355,3 +357,187 @@ def test_a_client_that_leaves_does_not_cost_the_next_one(tiny_model_dir):
         metrics = call(url, "/metrics")[2].decode()
         assert 'composekit_requests_total{endpoint="/v1/paste",status="200"} 1.0' in metrics
         assert 'composekit_requests_total{endpoint="/v1/paste",status="499"} 4.0' in metrics  # counted as left
+
+
+def _status(pid: int) -> dict[str, int]:
+    """The server process's resident memory now and at its peak, in MB (Linux)."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return {k: int(fields[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def _big_png(side: int) -> bytes:
+    """A real side x side RGB PNG that compresses to a few hundred kB (stripes)."""
+    pixels = np.zeros((side, side, 3), np.uint8)
+    pixels[::7] = 200
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc (Linux)")
+def test_decoded_pixels_are_budgeted_per_request_and_in_flight(tiny_model_dir):
+    # Finding 1: a 9000x9000 PNG of a few hundred kB decodes to ~1 GB. It is refused from its header, before any
+    # pixel is decoded (the server's peak memory does not move); requests in flight share a budget.
+    bomb = _big_png(9000)
+    assert len(bomb) < 2_000_000
+    medium = _png(gradient_background(1200, 1000))  # 1.2 megapixels
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--max-request-megapixels", 1.5,
+                 "--max-inflight-megapixels", 2) as (url, proc):
+        before = _status(proc.pid)
+        status, _, body = call(url, "/v1/paste", {"box": BOX}, {"object": OBJ, "background": bomb})
+        error = json.loads(body)["error"]
+        assert status == 413 and error["type"] == "ImageTooLarge" and "--max-request-megapixels 1.5" in error["message"]
+        assert "background 9000x9000" in error["message"], error
+        assert _status(proc.pid)["VmHWM"] < before["VmHWM"] + 50  # nothing was decoded
+        # One 1.2-megapixel request in flight holds the budget: a second one waits its turn (503, Retry-After).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, url, "/v1/paste", {"box": BOX, "seed": 0, "steps": 400},
+                                {"object": OBJ, "background": medium})
+            _wait_for(lambda: _taken(url) == 1)
+            status, headers, body = call(url, "/v1/paste", {"box": BOX, "steps": 2}, {"object": OBJ, "background": medium})
+            assert status == 503 and headers.get("retry-after"), body
+            error = json.loads(body)["error"]
+            assert error["type"] == "Busy" and "--max-inflight-megapixels 2" in error["message"], error
+            assert first.result()[0] == 200
+        status, _, _ = call(url, "/v1/paste", {"box": BOX, "steps": 2}, {"object": OBJ, "background": medium})
+        assert status == 200  # the budget was given back
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc (Linux)")
+def test_large_images_decode_off_the_event_loop_and_memory_is_given_back(tiny_model_dir):
+    # Finding 1: decoding and encoding ran on the event loop (/healthz stalled 7.5 s behind one large request),
+    # and memory stayed near its peak afterwards. A 30-megapixel request (within the default budget).
+    big = _big_png(5500)
+    latencies: list[float] = []
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, proc):
+        assert call(url, "/v1/paste", {"box": BOX, "seed": 0, "steps": 2}, {"object": OBJ, "background": BG})[0] == 200
+        before = _status(proc.pid)
+        done = threading.Event()
+
+        def poll():
+            while not done.is_set():
+                start = time.perf_counter()
+                assert call(url, "/healthz")[0] == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            for seed in (0, 1):
+                status, headers, body = call(url, "/v1/paste", {"box": BOX, "seed": seed, "steps": 2},
+                                             {"object": OBJ, "background": big}, {"Accept": "image/webp"})
+                assert status == 200 and Image.open(io.BytesIO(body)).size == (5500, 5500)
+                assert headers["content-type"] == "image/webp"  # ~2 s to encode here: long enough to see a stall
+        finally:
+            done.set()
+            poller.join()
+        after = _status(proc.pid)
+    # The two requests took seconds; /healthz was answered throughout (it stalled for seconds before the fix).
+    assert len(latencies) > 10 and max(latencies) < 1.0, (len(latencies), max(latencies))
+    assert after["VmHWM"] > before["VmRSS"] + 300  # the requests did make the server big...
+    assert after["VmRSS"] < before["VmRSS"] + 150, (before, after)  # ...and it gave the memory back
+
+
+def _raw(port: int, data: bytes, wait_s: float = 30) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server answers until it closes (or wait_s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
+        s.sendall(data)
+        out = b""
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+
+
+def test_expect_100_continue_is_answered_before_any_body(tiny_model_dir):
+    # Finding 6: with Expect: 100-continue the server sent "100 Continue" to a client with a wrong key and read up
+    # to 80 MB before answering 401; with Content-Length 10^12 and no body it never answered.
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--api-key", KEY, "--max-upload-mb", 1) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /v1/paste HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n" \
+               b"Expect: 100-continue\r\n"
+        for extra, code in ((b"Authorization: Bearer wrong-key-000\r\nContent-Length: 31457280\r\n", b"401"),
+                            (f"Authorization: Bearer {KEY}\r\nContent-Length: {10**12}\r\n".encode(), b"413"),
+                            (f"Authorization: Bearer {KEY}\r\nContent-Length: 31457280\r\n".encode(), b"413")):
+            start = time.monotonic()
+            answer = _raw(port, head + extra + b"\r\n")  # headers only: the client waits for 100 Continue
+            assert answer.startswith(b"HTTP/1.1 " + code), answer[:200]
+            assert b"100 Continue" not in answer and b'"error"' in answer
+            assert time.monotonic() - start < 20  # answered at once, the connection closed (not left open)
+        # A request that will be taken is told to go on.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            body, ctype = form({"box": BOX, "seed": 0, "steps": 2}, {"object": OBJ, "background": BG})
+            s.sendall(f"POST /v1/paste HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {ctype}\r\n"
+                      f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+            assert s.recv(64).startswith(b"HTTP/1.1 100 Continue")
+            s.sendall(body)
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
+def test_header_body_and_idle_timeouts(tiny_model_dir):
+    # Finding 7: slow-header, slow-body and idle connections stayed open for the whole 30 s test.
+    with serving("--model", tiny_model_dir, "--device", "cpu", "--header-timeout", 1.5, "--body-timeout", 1.5,
+                 "--idle-timeout", 1) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+
+        def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[bool, bytes]:
+            """Whether the server closes ``sock`` within ``seconds`` while the client sends ``trickle`` a byte at
+            a time (each 0.2 s); what it answered."""
+            deadline, out, sent = time.monotonic() + seconds, b"", 0
+            sock.settimeout(0.2)
+            while time.monotonic() < deadline:
+                if sent < len(trickle):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(trickle[sent:sent + 1])
+                    sent += 1
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    continue
+                except ConnectionResetError:
+                    return True, out
+                if not chunk:
+                    return True, out
+                out += chunk
+            return False, out
+
+        slow_headers = b"POST /v1/paste HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
+        with socket.create_connection(("127.0.0.1", port)) as idle, \
+                socket.create_connection(("127.0.0.1", port)) as slow_head, \
+                socket.create_connection(("127.0.0.1", port)) as slow_body:
+            slow_body.sendall(b"POST /v1/paste HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                              b"Content-Length: 1000\r\n\r\n")
+            # Normal clients are served meanwhile.
+            assert paste(url, 0)[0] == 200
+            results = {}
+            threads = [threading.Thread(target=lambda k=k, s=s, t=t: results.setdefault(k, closed_within(s, 15, t)))
+                       for k, s, t in (("idle", idle, b""), ("headers", slow_head, slow_headers),
+                                       ("body", slow_body, b'--b\r\nContent-Disposition: form-data; name="box"'
+                                                                   b"\r\n\r\n" + b"1" * 150))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert results["idle"][0] and results["headers"][0], results
+        closed, answer = results["body"]
+        assert closed and answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, results
+        # A kept-alive connection that goes quiet after its answer is closed after --idle-timeout.
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            closed, answer = closed_within(s, 10)
+            assert closed and answer.startswith(b"HTTP/1.1 200"), answer
+        assert paste(url, 1)[0] == 200
+
+
+def test_kill_9_mid_request_never_gives_a_truncated_200(tiny_model_dir):
+    # Faults: the server killed while composing; the client gets a connection error, never a 200 with part of an
+    # image.
+    with serving("--model", tiny_model_dir, "--device", "cpu") as (url, proc):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(paste, url, 0, steps=600)
+            _wait_for(lambda: _taken(url) == 1)
+            proc.kill()
+            proc.wait(30)
+            with pytest.raises((ConnectionError, urllib.error.URLError, http.client.HTTPException)):
+                answer.result(60)

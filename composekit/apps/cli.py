@@ -268,7 +268,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         what = f"model {args.model}" if args.model else "classic method (no model)"
         where = " on Ray Serve" if args.ray else ""
-        print(f"composekit serve: listening on http://{args.host}:{port}{where} ({what}, max batch {args.max_batch})",
+        print(f"composekit serve: listening on http://{args.host}:{port}{where} ({what}, max batch {settings.max_batch})",
               file=sys.stderr, flush=True)
 
     if args.ray:

@@ -40,7 +40,7 @@ import queue
 import re
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,11 +68,25 @@ class ServeSettings(Declared):
                               flag="--timeout")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /healthz "
                                  "(or set COMPOSEKIT_API_KEY)")
+    max_request_megapixels: float = option(36.0, "decoded pixels one request's images may hold together, in "
+                                           "megapixels (measured from their headers before decoding; 413 over it)",
+                                           lo=0.001, hi=10_000)
+    max_inflight_megapixels: float = option(72.0, "decoded pixels all requests in flight may hold together, in "
+                                            "megapixels (503 while they would pass it)", lo=0.001, hi=100_000)
+    header_timeout_s: float = option(10.0, "seconds a connection may take to send a request's headers (then it is "
+                                     "closed)", lo=0.01, hi=3600, flag="--header-timeout")
+    body_timeout_s: float = option(60.0, "seconds a request may take to send its body (then 408)", lo=0.01,
+                                   hi=86_400, flag="--body-timeout")
+    idle_timeout_s: float = option(5.0, "seconds an idle kept-alive connection stays open", lo=0.01, hi=3600,
+                                   flag="--idle-timeout")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.api_key is not None and len(self.api_key) < 8:
             raise InputError("the API key must be a string of at least 8 characters")
+        if self.max_inflight_megapixels < self.max_request_megapixels:
+            raise InputError(f"max_inflight_megapixels ({self.max_inflight_megapixels:g}) must be at least "
+                             f"max_request_megapixels ({self.max_request_megapixels:g})")
 
 
 # -- the worker --------------------------------------------------------------------------------------
@@ -167,6 +181,7 @@ class _ServeWorker:
                         break
                     (batch if more.key == first.key else self.pending).append(more)
             self._run(batch)
+            del first, batch  # nothing of a finished batch stays alive while the worker waits for the next
 
     def _run(self, batch: list[_Job]) -> None:
         # Jobs whose request gave up (their future was cancelled) are dropped before any work.
@@ -178,6 +193,7 @@ class _ServeWorker:
             return
         self.metrics.batch_size.observe(len(batch))
         for job, result in zip(batch, run_jobs(self.compositor, batch)):
+            job.images = {}  # the decoded uploads are not needed any more
             if isinstance(result, Abandoned):
                 self.metrics.abandoned.labels("running").inc()
             if isinstance(result, BaseException):
@@ -284,26 +300,38 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTooSlow(Exception):
+    pass
+
+
 class _Guard:
-    """Pure-ASGI front: draining (503), API key (401) and the body size limit (413) before the app runs."""
+    """Pure-ASGI front: draining (503), API key (401), the body size limit (413) and the body deadline (408)
+    before and while the app runs. A request refused before its body is read is never sent ``100 Continue``
+    (uvicorn sends it at the first read), and its body is not read when the client said it would wait
+    (``Expect: 100-continue``) or announced more than the limit: the answer closes the connection."""
 
     def __init__(self, app: Any, state: Any, settings: ServeSettings) -> None:
         self.app, self.state, self.settings = app, state, settings
         self.limit = int(settings.max_upload_mb * 1024 * 1024)
 
-    def _too_large(self) -> Any:
+    def _too_large(self, close: bool = False) -> Any:
         return _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
-                      f"{self.settings.max_upload_mb:g} MB; send smaller images")
+                      f"{self.settings.max_upload_mb:g} MB; send smaller images", {"Connection": "close"} if close else None)
 
     async def _discard_body(self, receive: Any) -> None:
-        """Read (and drop) what the client is still sending, up to 4x the limit, before an early answer:
-        closing a socket with unread bytes resets the connection, and the client would never see the answer."""
-        seen = 0
-        while seen <= 4 * self.limit:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-            seen += len(message.get("body", b""))
+        """Read (and drop) what the client is still sending, up to the limit and within the body deadline,
+        before an early answer: closing a socket with unread bytes resets the connection, and the client would
+        never see the answer."""
+        async def drain() -> None:
+            seen = 0
+            while seen <= self.limit:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                seen += len(message.get("body", b""))
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drain(), self.settings.body_timeout_s)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -321,31 +349,49 @@ class _Guard:
             if not hmac.compare_digest(token.encode(), self.settings.api_key.encode()):
                 early = _error(401, "Unauthorized", "send the API key as 'Authorization: Bearer <key>'",
                                {"WWW-Authenticate": "Bearer"})
-        if early is None and headers.get("content-length", "").isdigit() and int(headers["content-length"]) > self.limit:
+        announced = headers.get("content-length", "")
+        over_announced = announced.isdigit() and int(announced) > self.limit
+        if early is None and over_announced:
             early = self._too_large()
         if early is not None:
             self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(early.status_code)).inc()
-            await self._discard_body(receive)
+            if headers.get("expect", "").lower() == "100-continue" or over_announced:
+                early.headers["Connection"] = "close"  # nothing read: the connection cannot carry another request
+            else:
+                await self._discard_body(receive)
             await early(scope, receive, send)
             return
         seen = 0
-        over = False
+        over = slow = done = False
         started = False
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
 
         async def counted_receive() -> dict:
-            nonlocal seen, over
-            message = await receive()
+            nonlocal seen, over, slow, done, deadline
+            if done:  # the body is in: later reads only wait for a disconnect
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.settings.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                slow = True
+                raise _BodyTooSlow() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     over = True
                     raise _BodyTooLarge()
+                done = not message.get("more_body", False)
+            else:
+                done = True
             return message
 
         async def guarded_send(message: dict) -> None:
             nonlocal started
-            if over:
-                return  # the app's answer to a truncated body is replaced by 413 below
+            if over or slow:
+                return  # the app's answer to a truncated body is replaced by 413 or 408 below
             started = True
             await send(message)
 
@@ -354,9 +400,16 @@ class _Guard:
             await self.app(scope, counted_receive, guarded_send)
         except _BodyTooLarge:
             over = True
+        except _BodyTooSlow:
+            slow = True
         finally:
             self.state.inflight -= 1
-        if over and not started:
+        if slow and not started:
+            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", "408").inc()
+            await _error(408, "RequestTimeout", f"the request body did not arrive within the server's "
+                         f"--body-timeout of {self.settings.body_timeout_s:g} s; send it faster or retry",
+                         {"Connection": "close"})(scope, receive, send)
+        elif over and not started:
             self.state.metrics.requests.labels("/v1/paste", "413").inc()
             await self._discard_body(receive)
             await self._too_large()(scope, receive, send)
@@ -367,7 +420,7 @@ _ENDPOINTS = ("/v1/paste", "/healthz", "/readyz", "/metrics", "/docs", "/openapi
 # before a user can enter a key in it; neither tells anything about the model or its inputs).
 _PUBLIC = ("/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 _KINDS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 406: "NotAcceptable",
-          413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "InvalidInput", 503: "Unavailable"}
+          408: "RequestTimeout", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "InvalidInput", 503: "Unavailable"}
 
 
 class _BadRequest(Exception):
@@ -429,14 +482,16 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
     Serve replica passes itself (``alive()`` and ``async composite(job)``, batching through
     ``@serve.batch``).
     """
-    from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+    from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse, Response
-    from fastapi.security import HTTPBearer
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from composekit import __version__
-    from composekit.formats.images import load_picture
+    from composekit.apps.http_limits import PixelBudget, give_back_memory
+    from composekit.apps.openapi import rewrite
+    from composekit.formats.images import image_size, load_picture
 
     settings = settings or ServeSettings()
 
@@ -445,22 +500,37 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         inflight = 0  # requests inside the app (not counting those answered by the guard)
         metrics = _Metrics()
         worker: Any = runner
+        pixels = PixelBudget(int(settings.max_request_megapixels * 1e6), int(settings.max_inflight_megapixels * 1e6))
+        # Decoding uploads and encoding results (seconds for large images) run here, never on the event loop.
+        io = ThreadPoolExecutor(2, thread_name_prefix="composekit-io")
 
     state = State()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
-        if runner is not None:
+        try:
+            if runner is not None:
+                yield
+                state.draining = True
+                return
+            state.worker = _ServeWorker(compositor, settings, state.metrics)
             yield
             state.draining = True
-            return
-        state.worker = _ServeWorker(compositor, settings, state.metrics)
-        yield
-        state.draining = True
-        await asyncio.get_running_loop().run_in_executor(None, state.worker.stop, settings.timeout_s)
+            await asyncio.get_running_loop().run_in_executor(None, state.worker.stop, settings.timeout_s)
+        finally:
+            state.io.shutdown(wait=False)
 
     api = FastAPI(title="composekit", version=__version__, lifespan=lifespan,
                   description="Generative object compositing with an exact-background guarantee.")
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            api.openapi_schema = rewrite(get_openapi(title=api.title, version=api.version, description=api.description,
+                                                     routes=api.routes),
+                                         secured=settings.api_key is not None, public=_PUBLIC)
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -534,10 +604,8 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
                             default=Form(None, description=text)) for name, (text, _) in fields.items()),
     ])
-    # The bearer scheme is declared in the schema (the docs page's "Authorize"); the guard checks the key.
-    bearer = [Depends(HTTPBearer(auto_error=False))] if settings.api_key is not None else []
-    api.post("/v1/paste", responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
-             dependencies=bearer)(paste)
+    # The schema's form, statuses and bearer scheme are composekit.apps.openapi's; the guard checks the key.
+    api.post("/v1/paste")(paste)
 
     async def _paste(request: Any, object_file: Any, background_file: Any, mask_file: Any,
                      form: dict[str, str | None]) -> Response:
@@ -550,14 +618,34 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         uploads = {"object": await object_file.read(), "background": await background_file.read()}
         if mask_file is not None:
             uploads["mask"] = await mask_file.read()
-        try:  # decoded once, here: 415/413 for the upload before queueing; the compositor takes the pictures
-            images = {name: load_picture(data, name) for name, data in uploads.items()}
-        except InputError as exc:
-            code, kind = _status_for(exc)
-            return _error(code, kind, str(exc))
-        if box is None and "mask" not in images:
+        if box is None and "mask" not in uploads:
             return _error(400, "BadRequest", "give a field 'box' (x0,y0,x1,y1) or a file 'mask'")
+        loop = asyncio.get_running_loop()
+        try:  # what decoding will cost, from the headers alone (415 for what is not an image)
+            sizes = await loop.run_in_executor(state.io, lambda: {n: image_size(d, n) for n, d in uploads.items()})
+        except InputError as exc:
+            return _error(*_status_for(exc), str(exc))
+        pixels = sum(w * h for w, h in sizes.values())
+        refused = state.pixels.take(pixels, ", ".join(f"{n} {w}x{h}" for n, (w, h) in sizes.items()))
+        if refused is not None:
+            code, kind, message = refused
+            return _error(code, kind, message, {"Retry-After": "1"} if code == 503 else None)
+        try:
+            return await _composite(request, uploads, box, seed, options, loop)
+        finally:
+            state.pixels.give(pixels)
+            if pixels >= _TRIM_PIXELS:  # give a large request's memory back to the system
+                await loop.run_in_executor(state.io, give_back_memory)
+
+    async def _composite(request: Any, uploads: dict[str, bytes], box: Any, seed: Any, options: dict[str, Any],
+                         loop: Any) -> Response:
+        try:  # decoded once, here, off the event loop: 415/413 before queueing; the compositor takes the pictures
+            images = await loop.run_in_executor(state.io, lambda: {n: load_picture(d, n) for n, d in uploads.items()})
+        except InputError as exc:
+            return _error(*_status_for(exc), str(exc))
+        del uploads
         job = _Job(images, box, seed, options)
+        del images
         task = asyncio.ensure_future(state.worker.composite(job))
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_watch_client(request, task, gone))
@@ -573,19 +661,14 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
             return _error(504, "Timeout", f"the composite took longer than the server's {settings.timeout_s:g} s "
                           "timeout; use fewer steps or retry later")
         except ComposekitError as exc:
-            code, kind = _status_for(exc)
-            return _error(code, kind, str(exc))
+            return _error(*_status_for(exc), str(exc))
         finally:
             watcher.cancel()
         media = _negotiate(request.headers.get("accept", ""))
         if media is None:
             return _error(406, "NotAcceptable", f"the Accept header excludes every type this server answers with "
                           f"({', '.join(FORMATS)}); accept one of them")
-        buf = io.BytesIO()
-        image = result.image
-        if FORMATS[media] == "JPEG" and image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")  # JPEG has no alpha channel
-        image.save(buf, format=FORMATS[media])
+        encoded = await loop.run_in_executor(state.io, _encode, result.image, FORMATS[media])
         headers = {"X-Composekit-Box": ",".join(map(str, result.box)),
                    "X-Composekit-Method": result.method, "X-Composekit-Steps": str(result.steps),
                    "X-Composekit-Timings": json.dumps({k: round(v, 6) for k, v in result.timings.items()},
@@ -593,9 +676,20 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
                    "X-Composekit-Batch-Size": str(job.batch_size)}
         if result.seed is not None:  # the classic method draws no noise
             headers["X-Composekit-Seed"] = str(result.seed)
-        return Response(buf.getvalue(), media_type=media, headers=headers)
+        return Response(encoded, media_type=media, headers=headers)
 
     return _Guard(api, state, settings)
+
+
+_TRIM_PIXELS = 4_000_000  # after a request of this many decoded pixels or more, memory is given back
+
+
+def _encode(image: Any, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha channel
+    image.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 _QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110's qvalue: 0..1, at most 3 decimals
@@ -669,6 +763,9 @@ def run(compositor: Any, settings: ServeSettings, host: str = "127.0.0.1", port:
                 bound = [s.getsockname() for srv in self.servers for s in srv.sockets]
                 on_ready(bound[0][1] if bound else port)
 
+    from composekit.apps.http_limits import timed_protocol
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(
-        settings.timeout_s), lifespan="on")
+        settings.timeout_s), lifespan="on", http=timed_protocol(settings.header_timeout_s),
+        timeout_keep_alive=settings.idle_timeout_s)  # type: ignore[arg-type]
     Server(config).run()

@@ -102,7 +102,7 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 # -- declarations --------------------------------------------------------------------------------------
 
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+(\.0+)?")  # "3.0" is an integer (as in JSON)
 _FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -159,8 +159,10 @@ class Spec:
             raise InputError(f"{self.name} must be an integer {self.describe_range()}, got {_shown(text)}")
         if self.kind is float and not (_FLOAT_TEXT.fullmatch(text) and len(text) <= 40):
             raise InputError(f"{self.name} must be a number {self.describe_range()}, got {_shown(text)}")
-        if self.kind in (int, float):
-            return self.kind(text)
+        if self.kind is int:
+            return int(text.split(".")[0])
+        if self.kind is float:
+            return float(text)
         if self.kind is bool:
             if text.lower() in ("true", "1", "yes", "on"):
                 return True

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from composekit.core.options import check_integer
 from composekit.errors import InputError
 
-__all__ = ["ALLOWED_FORMATS", "MAX_PIXELS", "Picture", "load_picture", "to_caller_kind", "set_max_pixels"]
+__all__ = ["ALLOWED_FORMATS", "MAX_PIXELS", "Picture", "image_size", "load_picture", "to_caller_kind", "set_max_pixels"]
 
 from composekit.formats.atomic import IMAGE_FORMATS
 
@@ -114,6 +114,22 @@ def _open(data: Any, what: str) -> Image.Image:
     finally:
         stream.close()
     return img
+
+
+def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
+    """``(width, height)`` of encoded image bytes, read from the header alone (nothing is decoded): what
+    decoding them would cost, known before paying it. InputError when they are not an allowed image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data)), formats=list(ALLOWED_FORMATS)) as img:
+                return int(img.width), int(img.height)
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} bytes are over the limit Pillow allows; refused before decoding") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = re.sub(r" <[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))
+        raise InputError(f"{what} bytes is not a readable image in an allowed format {ALLOWED_FORMATS}: "
+                         f"{reason}") from None
 
 
 def _exif_transpose(img: Image.Image, label: str) -> Image.Image:
