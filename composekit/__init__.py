@@ -23,6 +23,7 @@ from composekit.errors import (
     ModelError,
     ModelNotFoundError,
     NumericalError,
+    OutputError,
     UnsafeModelFileError,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "BackendUnavailableError",
     "EngineIncompatibleError",
     "NumericalError",
+    "OutputError",
     "__version__",
 ]

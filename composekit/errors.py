@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "EngineIncompatibleError",
     "NumericalError",
+    "OutputError",
 ]
 
 
@@ -49,6 +50,10 @@ class EngineIncompatibleError(ComposekitError):
 
 class NumericalError(ComposekitError, ArithmeticError):
     """Non-finite values (NaN/inf) appeared during sampling or decoding."""
+
+
+class OutputError(ComposekitError, OSError):
+    """An output could not be written (e.g. no space left on its device); nothing partial was left behind."""
 
 
 # The CPU build of PyTorch the project is developed and tested with; on a GPU machine install the CUDA

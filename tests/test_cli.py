@@ -105,7 +105,9 @@ def test_batch_over_a_folder_and_a_boxes_file(tmp_path):
     records = json.loads(proc.stdout)
     assert [r["box"] for r in records] == [[10, 10, 60, 60], [0, 0, 50, 50], [100, 50, 190, 140]]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["bg0.png", "bg1-0.png", "bg1-1.png"]
+    assert names == ["bg0.png", "bg1-0.png", "bg1-1.png", "manifest.jsonl"]
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert manifest == records  # the report --json prints is the manifest the run left
     bg = np.asarray(Image.open(shots / "bg1.png"))
     out = np.asarray(Image.open(tmp_path / "out" / "bg1-1.png"))
     outside = np.ones(bg.shape[:2], bool)
@@ -174,7 +176,7 @@ def test_batch_keeps_going_past_a_bad_file_and_resumes(tmp_path):
     noise_object().save(tmp_path / "obj.png")
     proc = run("batch", tmp_path / "obj.png", shots, "--box", "10,10,60,60", "-o", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "1 FAILED" in proc.stdout and "b.png" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png", "manifest.jsonl"]
     stamp = (tmp_path / "out" / "a.png").stat().st_mtime_ns
     proc = run("batch", tmp_path / "obj.png", shots / "a.png", shots / "c.png", "--box", "10,10,60,60", "-o",
                tmp_path / "out", "--json")

@@ -18,6 +18,7 @@ Exit codes: 0 success; 2 bad arguments or input (:class:`InputError`); 3 model p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,8 +31,10 @@ from typing import Any
 
 from composekit import __version__
 from composekit.core.options import THREADS
-from composekit.errors import BackendUnavailableError, ComposekitError, InputError, ModelError, install_hint
+from composekit.errors import (BackendUnavailableError, ComposekitError, InputError, ModelError, OutputError,
+                               install_hint)
 from composekit.formats.atomic import IMAGE_FORMATS, check_output_path, save_image_atomic
+from composekit.formats.batch_manifest import BatchManifest
 from composekit.formats.images import ALLOWED_FORMATS
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, EXIT_BACKEND = 0, 1, 2, 3, 4
@@ -195,34 +198,51 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if args.ray:
         return _batch_on_ray(args, jobs, options, seed)
     comp = _compositor(args)
-    report: list[dict] = []
+    manifest = BatchManifest(args.output)  # a run killed at any point loses nothing (see batch_manifest)
+    manifest.remove_partial(out.name for _, _, out in jobs)
+    earlier = manifest.earlier()
+    records: dict[int, dict] = {}
     todo = []
-    for bg, box, out in jobs:
+    for i, (bg, box, out) in enumerate(jobs):
         if out.exists() and not args.overwrite:
-            report.append({"background": str(bg), "box": list(box), "output": str(out),
-                           "status": "skipped (output exists; --overwrite to redo)"})
+            records[i] = manifest.skipped({"background": str(bg), "box": list(box), "output": str(out),
+                                           "status": "skipped (output exists; --overwrite to redo)"}, earlier)
         else:
-            todo.append((bg, box, out))
+            todo.append((i, bg, box, out))
     stream = comp.paste_stream(({"object": args.object, "background": bg, "box": box, "seed": seed}
-                                for bg, box, _ in todo), batch_size=args.batch_size, options=options)
+                                for _, bg, box, _ in todo), batch_size=args.batch_size, options=options)
     bar = tqdm(total=len(todo), desc="composekit batch", disable=args.quiet or args.json)
-    for (bg, box, out), result in zip(todo, stream):
+    full: OutputError | None = None
+    for (i, bg, box, out), result in zip(todo, stream):
         record: dict = {"background": str(bg), "box": list(box), "output": str(out)}
         try:
             if isinstance(result, ComposekitError):
                 raise result
             save_image_atomic(result.image, out)
         except (InputError, OSError) as exc:  # one bad file does not stop the batch; model errors do
-            record.update(status="failed", error=str(exc) if isinstance(exc, InputError) else f"{out}: {exc}")
+            record.update(status="failed", error=str(exc) if isinstance(exc, ComposekitError) else f"{out}: {exc}")
             if not args.json:
                 bar.write(f"composekit: {bg}: {record['error']}", file=sys.stderr)
+            full = exc if isinstance(exc, OutputError) else None
         else:
             record.update(status="ok", seed=result.seed if result.method == "generative" else None,
                           timings=dict(result.timings))
-        report.append(record)
+            with contextlib.suppress(OSError):  # the manifest written at the end still lists it
+                manifest.append(record)
+        records[i] = record
         bar.update()
+        if full is not None:  # the output folder's device is full: the rows left would fail the same way
+            break
     bar.close()
-    return _batch_report(args, report)
+    for i, (bg, box, out) in enumerate(jobs):
+        records.setdefault(i, {"background": str(bg), "box": list(box), "output": str(out), "status": "failed",
+                               "error": f"not run: an earlier output could not be written ({full})"})
+    report = [records[i] for i in range(len(jobs))]
+    try:
+        manifest.finish(report)
+    except OutputError as exc:  # the report is still printed; the journal keeps what finished
+        print(f"composekit: {exc}", file=sys.stderr)
+    return _batch_report(args, report, f" (manifest: {manifest.path})")
 
 
 def _batch_report(args: argparse.Namespace, records: list[dict], where: str = "") -> int:

@@ -9,7 +9,8 @@ name inside ``output_dir``); or a ``ray.data.Dataset`` of such rows. Each worker
 loads the :class:`~composekit.Compositor` once and runs its rows through ``paste_batch``; each result is
 written atomically to ``output_dir``, and ``output_dir/manifest.jsonl`` records every row: status
 (``ok`` / ``failed`` / ``skipped``), error, seed, timings. A failed row does not fail the job; rows
-whose output already exists are skipped, so a re-run resumes.
+whose output already exists are skipped, so a re-run resumes, and a job killed at any point loses
+nothing: each actor journals its finished rows as it goes (``composekit.formats.batch_manifest``).
 
 Without ``address`` a local Ray cluster is started on 127.0.0.1 (no dashboard, usage stats off); with
 one, the job joins that cluster (``ray start --head`` on one node, ``ray start --address ...`` on the
@@ -18,6 +19,7 @@ others). Needs the ``ray`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,12 +29,12 @@ from typing import Any, Iterable
 from composekit.core.geometry import parse_box
 from composekit.core.options import check_integer
 from composekit.errors import BackendUnavailableError, InputError, install_hint
-from composekit.formats.atomic import atomic_file
+from composekit.formats.batch_manifest import MANIFEST, BatchManifest
 
 __all__ = ["ray_batch", "RECORDS_FILE"]
 
 logger = logging.getLogger(__name__)
-RECORDS_FILE = "manifest.jsonl"
+RECORDS_FILE = MANIFEST
 
 
 def _read(source: str) -> bytes | str:
@@ -54,6 +56,7 @@ class _BatchActor:
 
         self.comp = Compositor.from_pretrained(model, **load) if model else Compositor()
         self.options, self.output_dir = options, Path(output_dir)
+        self.manifest = BatchManifest(output_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from composekit.errors import ComposekitError
@@ -93,6 +96,10 @@ class _BatchActor:
                 times = json.dumps({k: round(v, 6) for k, v in result.timings.items()})
                 status.append("ok")
                 error.append("")
+                with contextlib.suppress(OSError):  # journaled at once: a killed job loses nothing
+                    self.manifest.append(_record({key: batch[key][i] for key in ("object", "background", "box",
+                                                                                  "output")},
+                                                 "ok", "", seed, times))
             except (ComposekitError, OSError) as exc:
                 status.append("failed")
                 error.append(f"{type(exc).__name__}: {exc}")
@@ -100,6 +107,13 @@ class _BatchActor:
             timings.append(times)
         return {"object": list(batch["object"]), "background": list(batch["background"]), "box": list(batch["box"]),
                 "output": list(batch["output"]), "status": status, "error": error, "seed": seeds, "timings": timings}
+
+
+def _record(row: dict[str, Any], status: str, error: str, seed: int, timings: str) -> dict[str, Any]:
+    """One manifest record (the driver's and the journal's are the same)."""
+    return {"object": str(row["object"]), "background": str(row["background"]), "box": str(row["box"]),
+            "seed": None if int(seed) < 0 else int(seed), "output": str(row["output"]), "status": str(status),
+            "error": str(error), "timings": json.loads(str(timings))}
 
 
 def _row(i: int, row: Any) -> dict[str, Any]:
@@ -171,6 +185,8 @@ def ray_batch(model: str | os.PathLike | None, rows: Any, output_dir: str | os.P
     check_integer("batch_size", batch_size, 1, 256)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = BatchManifest(out)
+    earlier = manifest.earlier()
     _start_ray(address)
     import ray.data  # (binds ``ray`` too)
 
@@ -183,24 +199,21 @@ def ray_batch(model: str | os.PathLike | None, rows: Any, output_dir: str | os.P
         records = []
     else:
         table = _rows(rows)
-        records = [{**row, "status": "skipped", "error": "", "seed": None, "timings": {}} for row in table
-                   if (out / row["output"]).exists() and not overwrite]
+        records = [manifest.skipped({**row, "status": "skipped", "error": "", "seed": None, "timings": {}}, earlier)
+                   for row in table if (out / row["output"]).exists() and not overwrite]
         skipped = {r["output"] for r in records}
         pending = [row for row in table if row["output"] not in skipped]
+        manifest.remove_partial(row["output"] for row in pending)
         todo = ray.data.from_items(pending) if pending else None
     if todo is not None:
         done = todo.map_batches(_BatchActor, fn_constructor_kwargs=constructor, batch_size=batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_gpus=gpus_per_worker or None, batch_format="numpy")
         for r in done.take_all():
-            seed = int(r["seed"])
-            records.append({"object": str(r["object"]), "background": str(r["background"]), "box": str(r["box"]),
-                            "seed": None if seed < 0 else seed, "output": str(r["output"]), "status": str(r["status"]),
-                            "error": str(r["error"]), "timings": json.loads(str(r["timings"]))})
+            record = _record(r, r["status"], r["error"], r["seed"], r["timings"])
+            records.append(manifest.skipped(record, earlier) if record["status"] == "skipped" else record)
     if not isinstance(rows, ray.data.Dataset):  # the manifest lists the rows in the caller's order
         order = {row["output"]: i for i, row in enumerate(table)}
         records.sort(key=lambda r: order[r["output"]])
-    with atomic_file(out / RECORDS_FILE) as f:
-        for record in records:
-            f.write((json.dumps(record) + "\n").encode())
+    manifest.finish(records)
     return records

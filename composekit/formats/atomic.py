@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from composekit.errors import InputError
+from composekit.errors import InputError, OutputError
 
 __all__ = ["IMAGE_FORMATS", "atomic_file", "save_image_atomic", "atomic_directory", "check_output_path"]
 
@@ -37,8 +38,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"cannot write {out}: no space left on its device ({errno.errorcode[exc.errno]}); nothing was "
+                              "written. Free some space or choose another location") from None
         raise
 
 

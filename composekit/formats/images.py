@@ -124,8 +124,8 @@ def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(bytes(data)), formats=list(ALLOWED_FORMATS)) as img:
                 return int(img.width), int(img.height)
-    except Image.DecompressionBombError:
-        raise InputError(f"{what} bytes are over the limit Pillow allows; refused before decoding") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{what} bytes are over the limit Pillow allows ({exc}); refused before decoding") from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = re.sub(r" <[\w.]+ object at 0x[0-9a-f]+>", "", str(exc))
         raise InputError(f"{what} bytes is not a readable image in an allowed format {ALLOWED_FORMATS}: "
