@@ -69,3 +69,18 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
         assert abs(e2e["at_50_s"] - (e2e["fixed_s"] + 50 * e2e["per_step_s"])) < 1e-9
     text = (tmp_path / "out" / "results.md").read_text()
     assert "at 50 steps = fixed + 50 x slope, extrapolated" in text and text.startswith("CPU: ")
+
+
+def test_soak_checks_every_answer_and_records_memory(tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the soak reads the server's memory from /proc (Linux)")
+    pytest.importorskip("fastapi")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--requests", "45", "--clients", "4",
+                           "--out", str(tmp_path / "soak")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "soak.json").read_text())
+    # 45 requests = 3 rounds of the mix: 8 good composites and 7 bad requests, each answered as it must be.
+    assert result["mismatches"] == 0 and result["healthy_after"]
+    assert result["answers"] == {"200": 24, "400": 3, "404": 3, "405": 3, "406": 3, "413": 3, "415": 3, "422": 3}
+    assert result["rss_mb"][0]["after"] == 0 and result["rss_mb"][-1]["after"] == 45
+    assert "RSS start -> end" in (tmp_path / "soak.md").read_text()
