@@ -146,7 +146,14 @@ def _tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_a_full_disk_gives_a_clear_error_and_nothing_partial(shots, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("where", ["local", "ray"])
+def test_a_full_disk_gives_a_clear_error_and_nothing_partial(shots, tiny_model_dir, tmp_path, where):
+    env = None
+    if where == "ray":
+        pytest.importorskip("ray")
+        from test_ray import LOOPBACK_ENV
+
+        env = {**os.environ, **LOOPBACK_ENV}
     out = tmp_path / "small"
     if not _tmpfs(out, "300k"):
         pytest.skip("mounting a tmpfs needs root on Linux; the injected ENOSPC test covers the same path")
@@ -157,8 +164,9 @@ def test_a_full_disk_gives_a_clear_error_and_nothing_partial(shots, tiny_model_d
             Image.fromarray(np.random.default_rng(i).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(
                 big / f"bg{i}.png")
         noise_object().save(big / "obj.png")
-        run = subprocess.run(_command(big, out, tiny_model_dir)[:-2] + ["--steps", "2", "-o", str(out)],
-                             capture_output=True, text=True, timeout=600)
+        ray = ["--ray", "--workers", "1"] if where == "ray" else []
+        run = subprocess.run(_command(big, out, tiny_model_dir)[:-2] + ["--steps", "2", "-o", str(out), *ray],
+                             capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 2, run.stdout + run.stderr
         assert "no space left on its device" in run.stderr and "Traceback" not in run.stderr, run.stderr
         written = _finished(out)

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from composekit.core.geometry import parse_box
 from composekit.core.options import check_integer
-from composekit.errors import BackendUnavailableError, InputError, install_hint
+from composekit.errors import BackendUnavailableError, InputError, OutputError, install_hint
 from composekit.formats.batch_manifest import MANIFEST, BatchManifest
 
 __all__ = ["ray_batch", "RECORDS_FILE"]
@@ -215,5 +215,8 @@ def ray_batch(model: str | os.PathLike | None, rows: Any, output_dir: str | os.P
     if not isinstance(rows, ray.data.Dataset):  # the manifest lists the rows in the caller's order
         order = {row["output"]: i for i, row in enumerate(table)}
         records.sort(key=lambda r: order[r["output"]])
-    manifest.finish(records)
+    try:
+        manifest.finish(records)
+    except OutputError as exc:  # a full disk: the records are still returned; the journal keeps what finished
+        logger.warning("%s", exc)
     return records
