@@ -103,9 +103,12 @@ def test_a_partial_file_left_by_a_kill_is_removed_by_the_next_run(shots, tiny_mo
     out = tmp_path / "out"
     out.mkdir()
     (out / ".bg2.png.x1y2z3.tmp").write_bytes(b"\x89PNG\r\n\x1a\n half an image")
-    (out / ".manifest.journal.jsonl").write_text('{"output": "bg9.png", "status": "ok", "se')  # a cut line
-    _check_resumed(out, reference, subprocess.run(_command(shots, out, tiny_model_dir), capture_output=True,
-                                                  text=True, timeout=600))
+    # A record whose output was never renamed into place (killed in between), then a line cut by the crash.
+    (out / ".manifest.journal.jsonl").write_text('{"output": "bg4.png", "status": "ok", "seed": 99, "timings": {}}\n'
+                                                 '{"output": "bg9.png", "status": "ok", "se')
+    records = _check_resumed(out, reference, subprocess.run(_command(shots, out, tiny_model_dir),
+                                                            capture_output=True, text=True, timeout=600))
+    assert [r["status"] for r in records] == ["ok"] * 6  # every row ran: none had its output
 
 
 def test_ray_batch_killed_at_several_points_loses_nothing(shots, tiny_model_dir, reference, tmp_path):

@@ -394,6 +394,7 @@ def test_decoded_pixels_are_budgeted_per_request_and_in_flight(tiny_model_dir):
             first = pool.submit(call, url, "/v1/paste", {"box": BOX, "seed": 0, "steps": 400},
                                 {"object": OBJ, "background": medium})
             _wait_for(lambda: _taken(url) == 1)
+            assert _metric(url, "composekit_decoded_megapixels ") == pytest.approx(1.2 + 70 * 90 / 1e6)
             status, headers, body = call(url, "/v1/paste", {"box": BOX, "steps": 2}, {"object": OBJ, "background": medium})
             assert status == 503 and headers.get("retry-after"), body
             error = json.loads(body)["error"]

@@ -18,7 +18,6 @@ Exit codes: 0 success; 2 bad arguments or input (:class:`InputError`); 3 model p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -218,17 +217,16 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         try:
             if isinstance(result, ComposekitError):
                 raise result
-            save_image_atomic(result.image, out)
+            done = {**record, "status": "ok", "seed": result.seed if result.method == "generative" else None,
+                    "timings": dict(result.timings)}
+            save_image_atomic(result.image, out, before_replace=lambda: manifest.append(done))
         except (InputError, OSError) as exc:  # one bad file does not stop the batch; model errors do
             record.update(status="failed", error=str(exc) if isinstance(exc, ComposekitError) else f"{out}: {exc}")
             if not args.json:
                 bar.write(f"composekit: {bg}: {record['error']}", file=sys.stderr)
             full = exc if isinstance(exc, OutputError) else None
         else:
-            record.update(status="ok", seed=result.seed if result.method == "generative" else None,
-                          timings=dict(result.timings))
-            with contextlib.suppress(OSError):  # the manifest written at the end still lists it
-                manifest.append(record)
+            record = done
         records[i] = record
         bar.update()
         if full is not None:  # the output folder's device is full: the rows left would fail the same way

@@ -19,7 +19,6 @@ others). Needs the ``ray`` extra.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -91,15 +90,16 @@ class _BatchActor:
             try:
                 if isinstance(result, Exception):
                     raise result
-                save_image_atomic(result.image, self.output_dir / str(batch["output"][i]))
-                seed = result.seed if result.method == "generative" else -1
-                times = json.dumps({k: round(v, 6) for k, v in result.timings.items()})
+                used = result.seed if result.method == "generative" else -1
+                took = json.dumps({k: round(v, 6) for k, v in result.timings.items()})
+                done = _record({key: batch[key][i] for key in ("object", "background", "box", "output")}, "ok", "",
+                               used, took)
+                # journaled before the rename: a job killed at any point loses nothing
+                save_image_atomic(result.image, self.output_dir / str(batch["output"][i]),
+                                  before_replace=lambda: self.manifest.append(done))
+                seed, times = used, took
                 status.append("ok")
                 error.append("")
-                with contextlib.suppress(OSError):  # journaled at once: a killed job loses nothing
-                    self.manifest.append(_record({key: batch[key][i] for key in ("object", "background", "box",
-                                                                                  "output")},
-                                                 "ok", "", seed, times))
             except (ComposekitError, OSError) as exc:
                 status.append("failed")
                 error.append(f"{type(exc).__name__}: {exc}")

@@ -277,6 +277,8 @@ class _Metrics:
                                  registry=self.registry)
         self.batch_size = Histogram("composekit_batch_size", "Composites run together",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.pixels = Gauge("composekit_decoded_megapixels", "Decoded megapixels held by requests in flight "
+                            "(bounded by --max-inflight-megapixels)", registry=self.registry)
         self.abandoned = Counter("composekit_abandoned", "Composites whose request timed out or whose client left: "
                                  "dropped while queued, or stopped between steps while running", ["stage"],
                                  registry=self.registry)
@@ -630,10 +632,12 @@ def create_app(compositor: Any, settings: ServeSettings | None = None, runner: A
         if refused is not None:
             code, kind, message = refused
             return _error(code, kind, message, {"Retry-After": "1"} if code == 503 else None)
+        state.metrics.pixels.set(state.pixels.held / 1e6)
         try:
             return await _composite(request, uploads, box, seed, options, loop)
         finally:
             state.pixels.give(pixels)
+            state.metrics.pixels.set(state.pixels.held / 1e6)
             if pixels >= _TRIM_PIXELS:  # give a large request's memory back to the system
                 await loop.run_in_executor(state.io, give_back_memory)
 

@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,10 +20,12 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike, before_replace: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file beside ``path``; on success it replaces ``path`` in one rename.
 
     On any failure the temporary file is removed and ``path`` keeps its old content (or stays absent).
+    ``before_replace`` runs once the file is complete, just before the rename (a batch journals its row
+    there, so that an output that exists always has its record).
     """
     out = Path(path)
     if out.is_dir():
@@ -37,6 +39,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
         os.chmod(tmp, 0o644)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, out)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -63,13 +67,14 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return out
 
 
-def save_image_atomic(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image so that ``path`` holds either its old content or the whole new image."""
+def save_image_atomic(image, path: str | os.PathLike, before_replace: Callable[[], None] | None = None) -> Path:
+    """Save a PIL image so that ``path`` holds either its old content or the whole new image
+    (``before_replace``: see :func:`atomic_file`)."""
     out = check_output_path(path)
     fmt = IMAGE_FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise InputError(f"output {out} has an unknown extension; use one of {sorted(IMAGE_FORMATS)}")
-    with atomic_file(out) as f:
+    with atomic_file(out, before_replace) as f:
         image.save(f, format=fmt)
     return out
 

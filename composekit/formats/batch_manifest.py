@@ -3,7 +3,8 @@
 ``OUTPUT/manifest.jsonl`` lists every row of the last run, in the rows' order, and is written in one
 atomic rename when a run ends. While a run goes on, each finished row is appended to the journal
 ``OUTPUT/.manifest.journal.jsonl`` (one ``write`` of one line; a line cut short by a crash is ignored
-when read), right after its image was renamed into place. The next run reads the manifest and the
+when read) once its image is written and just before it is renamed into place: an output that exists
+always has its record (a record whose output does not exist is ignored, and that row runs again). The next run reads the manifest and the
 journal: a row whose output exists is skipped and keeps the seed and timings of the run that wrote it,
 the others run again. Temporary files of outputs that a
 killed run was writing (``.NAME.*.tmp`` beside them) are removed before the run starts.
@@ -83,13 +84,18 @@ class BatchManifest:
         return removed
 
     def append(self, record: dict[str, Any]) -> None:
-        """Journal one finished row: one line, one write (a crash leaves it whole or cut, never interleaved)."""
+        """Journal one finished row: one line, one write (a crash leaves it whole or cut, never interleaved).
+        A journal that cannot be written (a full disk) is logged and skipped: the manifest written at the end
+        still lists the row."""
         line = (json.dumps(record) + "\n").encode()
-        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            logger.warning("cannot journal %s in %s: %s", record.get("output"), self.journal, exc)
 
     def finish(self, records: list[dict[str, Any]]) -> None:
         """Write the run's manifest atomically and drop the journal."""
