@@ -310,7 +310,7 @@ class _Guard:
     """Pure-ASGI front: draining (503), API key (401), the body size limit (413) and the body deadline (408)
     before and while the app runs. A request refused before its body is read is never sent ``100 Continue``
     (uvicorn sends it at the first read), and its body is not read when the client said it would wait
-    (``Expect: 100-continue``) or announced more than the limit: the answer closes the connection."""
+    (``Expect: 100-continue``) or announced more than 4x the limit: the answer closes the connection."""
 
     def __init__(self, app: Any, state: Any, settings: ServeSettings) -> None:
         self.app, self.state, self.settings = app, state, settings
@@ -321,12 +321,12 @@ class _Guard:
                       f"{self.settings.max_upload_mb:g} MB; send smaller images", {"Connection": "close"} if close else None)
 
     async def _discard_body(self, receive: Any) -> None:
-        """Read (and drop) what the client is still sending, up to the limit and within the body deadline,
+        """Read (and drop) what the client is still sending, up to 4x the limit and within the body deadline,
         before an early answer: closing a socket with unread bytes resets the connection, and the client would
         never see the answer."""
         async def drain() -> None:
             seen = 0
-            while seen <= self.limit:
+            while seen <= 4 * self.limit:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     return
@@ -352,13 +352,15 @@ class _Guard:
                 early = _error(401, "Unauthorized", "send the API key as 'Authorization: Bearer <key>'",
                                {"WWW-Authenticate": "Bearer"})
         announced = headers.get("content-length", "")
-        over_announced = announced.isdigit() and int(announced) > self.limit
-        if early is None and over_announced:
+        if early is None and announced.isdigit() and int(announced) > self.limit:
             early = self._too_large()
         if early is not None:
             self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(early.status_code)).inc()
-            if headers.get("expect", "").lower() == "100-continue" or over_announced:
-                early.headers["Connection"] = "close"  # nothing read: the connection cannot carry another request
+            if headers.get("expect", "").lower() == "100-continue" or (announced.isdigit() and
+                                                                       int(announced) > 4 * self.limit):
+                # The client waits for "100 Continue" (never sent), or announced more than is worth reading:
+                # nothing is read, and the connection cannot carry another request.
+                early.headers["Connection"] = "close"
             else:
                 await self._discard_body(receive)
             await early(scope, receive, send)
