@@ -316,9 +316,9 @@ class _Guard:
         self.app, self.state, self.settings = app, state, settings
         self.limit = int(settings.max_upload_mb * 1024 * 1024)
 
-    def _too_large(self, close: bool = False) -> Any:
+    def _too_large(self) -> Any:
         return _error(413, "PayloadTooLarge", f"the request body is over --max-upload-mb "
-                      f"{self.settings.max_upload_mb:g} MB; send smaller images", {"Connection": "close"} if close else None)
+                      f"{self.settings.max_upload_mb:g} MB; send smaller images")
 
     async def _discard_body(self, receive: Any) -> None:
         """Read (and drop) what the client is still sending, up to 4x the limit and within the body deadline,
