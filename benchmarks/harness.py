@@ -92,6 +92,14 @@ def cpu_description() -> dict[str, Any]:
     return {"model": name, "flags": present, "class": kind, "cores": os.cpu_count()}
 
 
+def report(result: dict[str, Any], text: str, out: str | None) -> None:
+    """Print a one-off benchmark's Markdown and, with ``out``, write ``OUT.json`` (the figures) and ``OUT.md``."""
+    print(text)
+    if out:
+        Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(out + ".md").write_text(text)
+
+
 def _inputs(size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
     rng = np.random.default_rng(0)
     bg = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

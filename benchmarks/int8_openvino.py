@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description
+from .harness import cpu_description, report
 
 
 def _calibration(export: Path) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -150,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(text)
+    report(result, markdown(result), args.out)
     return 0
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .harness import cpu_description
+from .harness import cpu_description, report
 
 BOX = (10, 10, 60, 70)
 
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists("/proc/self/status"):
         parser.error("reads the server's memory from /proc: Linux only")
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(text)
+    report(result, markdown(result), args.out)
     return 0 if result["mismatches"] == 0 and result["healthy_after"] else 1
 
 
