@@ -99,6 +99,8 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
     "int8 export: from_pretrained(int8 export)": ("int8", {}, {}, True),
     "int8 export, cache_interval=3": ("int8", {}, {"cache_interval": 3}, False),
     "int8 export, speed='fast'": ("int8", {}, {"speed": "fast"}, False),
+    "int8 export, speed='fast', cache_interval=5": ("int8", {}, {"speed": "fast", "cache_interval": 5}, False),
+    "int8 export on onnxruntime (QDQ graph)": ("int8", {"backend": "onnxruntime"}, {}, True),
 }
 DEFAULT_ROWS = list(ROWS)
 
@@ -143,9 +145,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"steps": s, "max": int(d.max()), "mean": float(d.mean())}
 
     def row_steps(options: dict[str, Any]) -> list[int]:
-        """Step counts that are multiples of the caching interval (the per-step cost is periodic in it)."""
+        """Step counts that are multiples of the caching interval (the per-step cost is periodic in it): each of
+        ``--steps`` rounded up to one, at least one interval apart."""
         interval = options.get("cache_interval", 3 if options.get("speed") == "fast" else 1)
-        return steps if interval == 1 else [interval, 2 * interval]
+        if interval == 1:
+            return steps
+        low, high = (-(-s // interval) * interval for s in (steps[0], steps[-1]))
+        return [low, max(high, low + interval)]
 
     def measure(name: str, comp: Compositor, options: dict[str, Any], stages: bool) -> None:
         row: dict[str, Any] = {"backend": comp.backend.name, "describe": comp.backend.describe(), "paste": options}

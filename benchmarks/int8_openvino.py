@@ -5,8 +5,8 @@
         --int8-export .bench-models/pbe-full-onnx-int8 --out bench-int8-openvino      # ~30 min, full size, 2 cores
 
 Three forms of the same exported U-Net (full pass and, where the export has one, the shallow pass of feature
-caching), each compiled by OpenVINO for the CPU at the guided batch (2) with composekit's settings (f32
-inference precision, latency hint):
+caching), each compiled by OpenVINO for the CPU at the guided batch (2) with composekit's settings (latency
+hint) at each inference precision of ``--precisions`` (f32, and bf16 where the CPU has it):
 
 - ``f32``: the export's ``unet.onnx``;
 - ``int8 QDQ (--int8)``: the graph ``composekit-export onnx --int8`` writes (NNCF on the ONNX graph);
@@ -18,7 +18,7 @@ while the f32 export pastes the demo images. Timings: median of ``--repeats`` ca
 three forms interleaved call by call (so a change in the machine's speed hits all three alike); the ratio is
 against f32 in the same run. Error: the largest and mean relative difference of the noise prediction from
 f32's on the calibration inputs. Machine, command and date are recorded beside the figures. Not a unit
-test, and not wired into the runtime: a measurement to decide whether ``--int8`` should write an OpenVINO IR.
+test: the measurement that decided ``--int8`` should write an OpenVINO IR (it now does, with these settings).
 """
 
 from __future__ import annotations
@@ -55,16 +55,14 @@ def _static(model: Any, sample: dict[str, np.ndarray]) -> Any:
 
 
 def _quantize(model: Any, samples: list[dict[str, np.ndarray]]) -> Any:
+    """``nncf.quantize`` on an OpenVINO model with ``--int8``'s own settings."""
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    from composekit_export.quantize import OVERFLOW_FIX
+    from composekit_export.quantize import _settings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return nncf.quantize(model, nncf.Dataset(samples), preset=nncf.QuantizationPreset.MIXED,
-                             model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
-                             advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(OVERFLOW_FIX)))
+        return nncf.quantize(model, nncf.Dataset(samples), **_settings(nncf, samples))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,25 +71,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     samples = _calibration(Path(args.export))
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    capabilities = set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    precisions = [p for p in args.precisions if p == "f32" or "BF16" in capabilities]
     graphs = {"unet": "unet.onnx", "unet_shallow": "unet_shallow.onnx"}
     results: dict[str, Any] = {}
     for name, file in graphs.items():
         if not samples.get(name) or not (Path(args.export) / file).exists():
             continue
         data = samples[name]
-        forms: dict[str, Any] = {}
-        forms["f32"] = core.compile_model(_static(core.read_model(str(Path(args.export) / file)), data[0]), "CPU",
-                                          config)
-        if args.int8_export and (Path(args.int8_export) / file).exists():
-            forms["int8 QDQ (--int8)"] = core.compile_model(
-                _static(core.read_model(str(Path(args.int8_export) / file)), data[0]), "CPU", config)
         t0 = time.perf_counter()
         native = _quantize(_static(core.read_model(str(Path(args.export) / file)), data[0]), data)
         quantize_s = time.perf_counter() - t0
         if args.save_ir:
-            ov.save_model(native, str(Path(args.save_ir) / f"{name}.xml"))
-        forms["int8 OpenVINO-native"] = core.compile_model(native, "CPU", config)
+            ov.save_model(native, str(Path(args.save_ir) / f"{name}.xml"), compress_to_fp16=False)
+        # One compiled model per (graph form, inference precision); "f32" first: the reference and the peer.
+        forms: dict[str, Any] = {}
+        for precision in precisions:
+            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            suffix = "" if precision == "f32" else f" @{precision}"
+            forms["f32" + suffix] = core.compile_model(
+                _static(core.read_model(str(Path(args.export) / file)), data[0]), "CPU", config)
+            if args.int8_export and (Path(args.int8_export) / file).exists():
+                forms["int8 QDQ (--int8)" + suffix] = core.compile_model(
+                    _static(core.read_model(str(Path(args.int8_export) / file)), data[0]), "CPU", config)
+            forms["int8 OpenVINO-native" + suffix] = core.compile_model(native, "CPU", config)
         del native
         gc.collect()
         requests = {form: compiled.create_infer_request() for form, compiled in forms.items()}
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
     return {"command": "python -m benchmarks.int8_openvino " + " ".join(sys.argv[1:]),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": cpu_description(),
-            "openvino": ov.__version__, "repeats": args.repeats, "graphs": results,
+            "openvino": ov.__version__, "repeats": args.repeats, "precisions": precisions, "graphs": results,
             "total_s": round(time.perf_counter() - started, 1)}
 
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-export", default=None, help="the same model exported with --int8, to compare")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-inputs", type=int, default=6, help="calibration inputs the error is measured on")
+    parser.add_argument("--precisions", nargs="+", choices=["f32", "bf16"], default=["f32"],
+                        help="OpenVINO inference precisions to compile each form at (bf16 only where the CPU has it)")
     parser.add_argument("--save-ir", default=None, help="folder to save the OpenVINO-native int8 IR in")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,8 +33,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from .harness import cpu_description, report
+from .http_payloads import header_only_png, multipart_form
 
 BOX = (10, 10, 60, 70)
 
@@ -54,29 +52,9 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _header_only_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
-
-
-def _form(fields: dict[str, Any], files: dict[str, bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for k, v in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    for k, data in files.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.bin"\r\n'
-                  f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def _call(url: str, method: str = "POST", fields: dict | None = None, files: dict | None = None,
           headers: dict | None = None) -> tuple[int, bytes]:
-    data, ctype = _form(fields or {}, files or {}) if (fields or files) else (None, None)
+    data, ctype = multipart_form(fields or {}, files or {}) if (fields or files) else (None, None)
     hdrs = dict(headers or {})
     if ctype:
         hdrs["Content-Type"] = ctype
@@ -113,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("not an image", "POST", "/v1/paste", good, {"object": b"%PDF-1.4", "background": bg}, None, 415),
         ("box outside", "POST", "/v1/paste", {**good, "box": "10,10,600,70"}, {"object": obj, "background": bg},
          None, 422),
-        ("pixel bomb", "POST", "/v1/paste", good, {"object": obj, "background": _header_only_png(40_000, 40_000)},
+        ("pixel bomb", "POST", "/v1/paste", good, {"object": obj, "background": header_only_png(40_000, 40_000)},
          None, 413),
         ("nothing acceptable", "POST", "/v1/paste", good, {"object": obj, "background": bg},
          {"Accept": "image/png;q=0, image/jpeg;q=0, image/webp;q=0"}, 406),

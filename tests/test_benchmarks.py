@@ -66,6 +66,9 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     assert rows["default, cache_interval=3"]["diff_vs_torch_fp32"]["max"] > 0  # caching changes the image
     assert "int8 U-Net" in rows["int8 export, speed='fast'"]["describe"]
     assert rows["int8 export, speed='fast'"]["steps"] == [3, 6]
+    assert "OpenVINO IR" in rows["int8 export: from_pretrained(int8 export)"]["describe"]
+    qdq = rows["int8 export on onnxruntime (QDQ graph)"]
+    assert qdq["backend"] == "onnxruntime" and "int8 U-Net" in qdq["describe"] and "OpenVINO IR" not in qdq["describe"]
     for row in rows.values():
         e2e = row["end_to_end"]
         assert abs(e2e["at_50_s"] - (e2e["fixed_s"] + 50 * e2e["per_step_s"])) < 1e-9

@@ -529,15 +529,17 @@ def test_generated_model_directory_mutations(tiny_model_dir, tmp_path_factory, f
 
 @settings(max_examples=150, **SETTINGS)
 @given(key=st.integers(0, 200), value=JSON_VALUES,
-       target=st.sampled_from(["manifest", "dims", "component", "graph"]),
+       target=st.sampled_from(["manifest", "dims", "component", "graph", "openvino_ir"]),
        action=st.sampled_from(["set", "set", "delete", "truncate", "garbage", "empty", "missing"]), data=st.data(),
        backend=st.sampled_from(EXPORT_BACKENDS), kind=st.sampled_from(["float", "int8"]))
 def test_generated_export_mutations(export_dir, request, tmp_path_factory, key, value, target, action, data,
                                     backend, kind):
-    """Mutations of a float export and of an int8 one (its QDQ U-Net graphs and its manifest's int8 entry; where
-    NNCF is not installed, the float export only)."""
+    """Mutations of a float export and of an int8 one (its QDQ U-Net graphs, its OpenVINO IRs and its manifest's
+    int8 entry; where NNCF is not installed, the float export only)."""
     if kind == "int8" and importlib.util.find_spec("nncf") is None:
         kind = "float"
+    if target == "openvino_ir" and kind == "float":
+        target = "graph"  # a float export has no IR
     root = tmp_path_factory.mktemp("emut") / "e"
     shutil.copytree(export_dir if kind == "float" else request.getfixturevalue("int8_export"), root)
     event(f"export:{kind}")
@@ -550,6 +552,20 @@ def test_generated_export_mutations(export_dir, request, tmp_path_factory, key, 
                        else "garbage")
         if data.draw(st.booleans(), label="rehash") and (root / manifest["components"][name]["file"]).is_file():
             _rehash(root, name)
+    elif target == "openvino_ir":
+        name = ("unet", "unet_shallow")[key % 2]
+        ir = manifest["components"][name]["openvino"]
+        if action in ("set", "delete"):
+            _set_or_delete(ir, key // 2, value, action, "openvino_ir")
+            manifest_path.write_text(json.dumps(manifest))
+        else:
+            item = (ir, ir["external_data"][0])[key // 2 % 2]
+            _file_mutation(root / item["file"], action)
+            if data.draw(st.booleans(), label="rehash") and (root / item["file"]).is_file():
+                from composekit.formats.export_manifest import sha256_file
+
+                item["sha256"] = sha256_file(root / item["file"])
+                manifest_path.write_text(json.dumps(manifest))
     elif action in ("set", "delete"):
         holder = manifest if target == "manifest" else manifest["dims"] if target == "dims" else \
             manifest["components"][sorted(manifest["components"])[key % count]]

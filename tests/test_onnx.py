@@ -282,3 +282,29 @@ def test_fused_export_for_onnxruntime(tmp_path, tiny_model_dir):
         assert Compositor.from_pretrained(tmp_path / "fused", device="cpu").backend.name == "onnxruntime"
     with pytest.raises(InputError, match="optimize"):
         export_onnx(tiny_model_dir, tmp_path / "bad", optimize="gpu")
+
+
+def test_external_data_is_readable_by_whoever_can_read_the_graph(tmp_path):
+    """onnx writes a graph's external-data file for its owner only (0600); the exporter gives it the graph file's
+    mode, so an export readable by a service account has readable weights too."""
+    import os
+    import stat
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from composekit_export.onnx_export import save_graph
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")  # 16 kB: over the external-data threshold
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    path = tmp_path / "g.onnx"
+    old = os.umask(0o022)
+    try:
+        assert save_graph(helper.make_model(graph), path, big=True) == [{"file": "g.onnx.data"}]
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == 0o644 and stat.S_IMODE((tmp_path / "g.onnx.data").stat().st_mode) == mode
+    assert onnx.load(str(path)).graph.initializer[0].name == "w"

@@ -13,19 +13,17 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
-import zlib
 
 import numpy as np
 import pytest
 from conftest import composekit_process, gradient_background, noise_object
 from PIL import Image
 
+from benchmarks.http_payloads import header_only_png, multipart_form as form
 from composekit import Compositor
 
 pytest.importorskip("fastapi")
@@ -58,18 +56,6 @@ def serving(*args, env=None):
     port = _free_port()
     with composekit_process("serve", port, *args, env=env, wait_s=120) as proc:
         yield f"http://127.0.0.1:{port}", proc
-
-
-def form(fields: dict, files: dict) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for k, v in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    for k, data in files.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.bin"\r\n'
-                  f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
 def call(url: str, path: str, fields=None, files=None, headers=None, method=None, timeout=120):
@@ -163,14 +149,6 @@ def test_micro_batching_within_paste_batch_tolerance(tiny_model_dir):
         assert "composekit_batch_size_count" in body.decode()
 
 
-def _header_only_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
-
-
 MALFORMED = [
     ("missing background", {"box": BOX}, {"object": OBJ}, 400, "background"),
     ("box of three numbers", {"box": "1,2,3"}, None, 400, "four integers"),
@@ -181,7 +159,7 @@ MALFORMED = [
     ("unknown method", {"box": BOX, "method": "magic"}, None, 422, "method"),
     ("fidelity too high", {"box": BOX, "fidelity": "7"}, None, 422, "fidelity"),
     ("not an image", {"box": BOX}, {"object": b"%PDF-1.4 hello", "background": BG}, 415, "not a readable image"),
-    ("pixel bomb", {"box": BOX}, {"object": OBJ, "background": _header_only_png(40_000, 40_000)}, 413, "pixels"),
+    ("pixel bomb", {"box": BOX}, {"object": OBJ, "background": header_only_png(40_000, 40_000)}, 413, "pixels"),
     ("a path instead of a file", {"box": BOX, "object": "/etc/hostname"}, {"background": BG}, 400, "object"),
     ("upload over the limit", {"box": BOX}, {"object": OBJ, "background": b"\0" * (2 * 1024 * 1024)}, 413,
      "max-upload-mb"),

@@ -2,6 +2,8 @@
 
 It reads the same export directory as the ONNX Runtime backend, with the same checks (manifest and
 sha256 of every file, external data inside the directory, graph inputs and outputs against the spec).
+In an ``--int8`` export it reads the U-Net graphs from the OpenVINO IRs NNCF quantized for OpenVINO
+(``unet.int8.xml``), not from the QDQ ONNX graphs that ONNX Runtime and TensorRT read.
 
 How it runs:
 
@@ -73,8 +75,9 @@ class OpenVINOBackend(GraphBackend):
                  components: tuple[str, ...] = COMPONENT_NAMES) -> None:
         self.core, self.device, self.config = core, device, config
         self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
-        self.models = self._open_export(manifest, components, lambda _, path: core.read_model(str(path)),
-                                        lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO")
+        self.models = self._open_export(manifest, components, self._read,
+                                        lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO",
+                                        path_of=lambda name: manifest.openvino_path(name) or manifest.path(name))
         self.compiled: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -83,8 +86,16 @@ class OpenVINOBackend(GraphBackend):
                             (self.decoder, 1)):
             self._compiled(name, batch)
 
+    def _read(self, name: str, path: Path) -> Any:
+        """A component's graph: its ONNX graph, or the OpenVINO IR an ``--int8`` export holds beside it."""
+        if path.suffix != ".xml":
+            return self.core.read_model(str(path))
+        weights = self.manifest.component(name)["openvino"]["external_data"]
+        return self.core.read_model(str(path), str(path.parent / weights[0]["file"]) if weights else "")
+
     def describe(self) -> str:
-        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}{self._int8_note()}"
+        ir = " (OpenVINO IR)" if any(self.manifest.openvino_path(n) for n in self.models) else ""
+        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}{self._int8_note()}{ir}"
 
     def _compiled(self, name: str, batch: int) -> Any:
         """The model compiled for batch ``batch`` with the spec's fixed sizes (compiled once, then kept)."""

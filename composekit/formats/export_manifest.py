@@ -2,6 +2,7 @@
 
 An export directory holds one ONNX graph per component (``object_encoder.onnx``, ``unet.onnx``,
 ``vae_encoder.onnx``, ``vae_decoder.onnx``, with ``*.onnx.data`` external data for graphs over 2 GB)
+(and, in an ``--int8`` export, an OpenVINO IR beside each U-Net graph: ``unet.int8.xml`` and ``.bin``)
 and this manifest: composekit version, source model and family, model dimensions, precision,
 opset, the scheduler and feature-extractor configs, and per component its files with sha256 and
 size, input/output names, shapes and dtypes, and the error measured against PyTorch at export.
@@ -108,6 +109,11 @@ class ExportManifest:
     def path(self, name: str) -> Path:
         return _inside(self.root, self.data["components"][name]["file"])
 
+    def openvino_path(self, name: str) -> Path | None:
+        """The ``.xml`` of the OpenVINO IR exported beside component ``name``'s ONNX graph (``--int8``), if any."""
+        ir = self.data["components"][name].get("openvino")
+        return None if ir is None else _inside(self.root, ir["file"])
+
 
 def load_order(manifest: ExportManifest, decoders: tuple[str, ...]) -> tuple[str, ...]:
     """The components a runtime opens from an export, in order: the object encoder and U-Net, the shallow U-Net
@@ -159,7 +165,8 @@ def read_manifest(root: str | os.PathLike, verify: bool = True) -> ExportManifes
     check_manifest_data(data, where, fix)
     for name in _present(data):
         entry = data["components"][name]
-        for item in [entry] + list(entry.get("external_data", [])):
+        ir = [entry["openvino"], *entry["openvino"].get("external_data", [])] if "openvino" in entry else []
+        for item in [entry, *entry.get("external_data", []), *ir]:
             path = _inside(root, item["file"])
             try:
                 regular_file(path, "exported graph file")

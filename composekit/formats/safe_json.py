@@ -311,6 +311,11 @@ SCHEMAS: dict[str, Schema] = {
         "external_data": Field(("list",), False, lambda v: all(isinstance(x, dict) and isinstance(x.get("file"), str)
                                                                and isinstance(x.get("sha256"), str) for x in v),
                                "a list of {'file', 'sha256'} objects"),
+        "openvino": Field(("object",), False, lambda v: isinstance(v.get("file"), str) and isinstance(v.get("sha256"), str)
+                          and isinstance(v.get("external_data", []), list)
+                          and all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                                  and isinstance(x.get("sha256"), str) for x in v.get("external_data", [])),
+                          "an object {'file', 'sha256', 'external_data': [{'file', 'sha256'}]} (an int8 OpenVINO IR)"),
     },
     "engines": {
         "onnx_manifest": Field(("object",), True, expect="the source export's manifest"),
