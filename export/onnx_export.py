@@ -326,7 +326,8 @@ def export_onnx(
                 "int8": quantized or None,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
                              "transformers": transformers.__version__,
-                             **({"nncf": next(iter(quantized.values()))["nncf"]} if quantized else {})},
+                             **({key: next(iter(quantized.values()))[key] for key in ("nncf", "openvino")}
+                                if quantized else {})},
                 "components": components,
             }
             # The writer and the readers share one schema: what is written here must read back.

@@ -31,6 +31,7 @@ def test_the_manifest_records_the_quantized_graphs(int8_export, exported):
     for entry in manifest.int8.values():
         assert entry["method"] == "nncf.quantize" and entry["calibration_inputs"] == 18 and entry["nncf"]
     assert manifest.data["versions"]["nncf"] == manifest.int8["unet"]["nncf"]
+    assert manifest.data["versions"]["openvino"] == manifest.int8["unet"]["openvino"]
     graph = onnx.load(str(manifest.path("unet")))
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
