@@ -53,12 +53,15 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
         make_random_tiny_vae(paths["taesd"], size, seed=0, overwrite=True)
 
     def current(path: Path, *need: str, int8: bool = False) -> bool:
-        """An export of this composekit's format there, with the components the rows need (and int8 graphs)."""
+        """An export of this composekit's format there, with the components the rows need (and int8 graphs with
+        their OpenVINO IR: an int8 export made before the IR would have OpenVINO run its QDQ graph)."""
         manifest = path / "manifest.json"
         if not manifest.exists():
             return False
         data = json.loads(manifest.read_text())
-        return all(n in data.get("components", {}) for n in need) and (not int8 or bool(data.get("int8")))
+        components = data.get("components", {})
+        return all(n in components for n in need) and \
+            (not int8 or bool(data.get("int8")) and "openvino" in components.get("unet", {}))
 
     if not current(paths["onnx"], "tiny_vae_decoder", "unet_shallow"):
         export_onnx(paths["model"], paths["onnx"], tiny_vae=paths["taesd"], overwrite=True)

@@ -346,8 +346,7 @@ def _check_against(path: Path, samples: list[dict[str, np.ndarray]], outputs: li
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    picked = np.linspace(0, len(samples) - 1, min(CHECKED_INPUTS, len(samples))).astype(int)
-    return max(float(np.abs(session.run(["noise_pred"], samples[i])[0] - outputs[i]).max()) for i in picked)
+    return _max_error(lambda inputs: session.run(["noise_pred"], inputs)[0], samples, outputs)
 
 
 def _check_openvino(xml: Path, samples: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> float:
@@ -355,27 +354,33 @@ def _check_openvino(xml: Path, samples: list[dict[str, np.ndarray]], outputs: li
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return _max_error(lambda inputs: compiled(inputs)[0], samples, outputs)
+
+
+def _max_error(run: Any, samples: list[dict[str, np.ndarray]], outputs: list[np.ndarray]) -> float:
+    """Max abs difference between ``run(inputs)`` and the recorded output on CHECKED_INPUTS samples spread over
+    the calibration set."""
     picked = np.linspace(0, len(samples) - 1, min(CHECKED_INPUTS, len(samples))).astype(int)
-    return max(float(np.abs(compiled(samples[i])[0] - outputs[i]).max()) for i in picked)
+    return max(float(np.abs(run(samples[i]) - outputs[i]).max()) for i in picked)
+
+
+def _file_item(root: Path, name: str) -> dict[str, Any]:
+    """A file of the export as the manifest lists it: name, sha256, bytes."""
+    return {"file": name, "sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
 
 
 def _ir_entry(root: Path, ir: dict[str, Any], error: float | None) -> dict[str, Any]:
     """The manifest entry of a component's OpenVINO IR: the ``.xml`` and its ``.bin`` weights with sha256."""
-    files = {key: {"file": ir[key], "sha256": sha256_file(root / ir[key]), "bytes": (root / ir[key]).stat().st_size}
-             for key in ("file", "weights")}
-    return {**files["file"], "external_data": [files["weights"]], "max_abs_error_vs_torch": error}
+    return {**_file_item(root, ir["file"]), "external_data": [_file_item(root, ir["weights"])],
+            "max_abs_error_vs_torch": error}
 
 
 def _entry(root: Path, spec: ComponentSpec, external: list[dict], float_dtype: str, error: float | None,
            seconds: float) -> dict[str, Any]:
     """A component's manifest entry: its files (sha256, bytes), inputs and outputs, error, export time."""
-    for item in external:
-        item.update(sha256=sha256_file(root / item["file"]), bytes=(root / item["file"]).stat().st_size)
     return {
-        "file": spec.file,
-        "sha256": sha256_file(root / spec.file),
-        "bytes": (root / spec.file).stat().st_size,
-        "external_data": external,
+        **_file_item(root, spec.file),
+        "external_data": [_file_item(root, item["file"]) for item in external],
         "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": "int64" if t.dtype == "int64" else float_dtype}
                    for t in spec.inputs],
         "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": float_dtype} for t in spec.outputs],

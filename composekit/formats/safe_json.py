@@ -223,6 +223,11 @@ _RGB = _numbers(3, 0, 255)
 _BACKDROP = Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),
                   expect="[r, g, b] integers in 0..255")
 
+def _file_entry(x: Any) -> bool:
+    """A file as a manifest lists it: an object with a ``file`` name and its ``sha256``."""
+    return isinstance(x, dict) and isinstance(x.get("file"), str) and isinstance(x.get("sha256"), str)
+
+
 SCHEMAS: dict[str, Schema] = {
     "model_index": {
         "_class_name": Field(("str",), True, expect="a pipeline class name such as 'PaintByExamplePipeline'"),
@@ -308,13 +313,10 @@ SCHEMAS: dict[str, Schema] = {
     "manifest_component": {
         "file": Field(("str",), True, expect="a file name inside the export"),
         "sha256": Field(("str",), True, lambda v: len(v) == 64, "a 64-character sha256"),
-        "external_data": Field(("list",), False, lambda v: all(isinstance(x, dict) and isinstance(x.get("file"), str)
-                                                               and isinstance(x.get("sha256"), str) for x in v),
+        "external_data": Field(("list",), False, lambda v: all(map(_file_entry, v)),
                                "a list of {'file', 'sha256'} objects"),
-        "openvino": Field(("object",), False, lambda v: isinstance(v.get("file"), str) and isinstance(v.get("sha256"), str)
-                          and isinstance(v.get("external_data", []), list)
-                          and all(isinstance(x, dict) and isinstance(x.get("file"), str)
-                                  and isinstance(x.get("sha256"), str) for x in v.get("external_data", [])),
+        "openvino": Field(("object",), False, lambda v: _file_entry(v) and isinstance(v.get("external_data", []), list)
+                          and all(map(_file_entry, v.get("external_data", []))),
                           "an object {'file', 'sha256', 'external_data': [{'file', 'sha256'}]} (an int8 OpenVINO IR)"),
     },
     "engines": {
