@@ -74,18 +74,25 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_b
 
 
 def cpu_description() -> dict[str, Any]:
-    """The CPU's model name and the vector/matrix flags that decide which number formats are fast
-    (from /proc/cpuinfo; ``class`` is AMX, AVX-512-BF16, AVX-512 or AVX2, the best it has)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """The CPU's model name (with its family and model numbers: a virtual machine's name can be as vague as
+    "AMD EPYC", and two hosts of one class ran OpenVINO's int8 kernels 2x apart) and the vector/matrix flags that
+    decide which number formats are fast (from /proc/cpuinfo; ``class`` is AMX, AVX-512-BF16, AVX-512 or AVX2,
+    the best it has)."""
+    name, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+            key = key.strip()
+            if key == "model name" and name in ("", platform.machine(), platform.processor()):
                 name = value.strip()
-            elif key.strip() == "flags" and not flags:
+            elif key in ("cpu family", "model") and key not in numbers:
+                numbers[key] = value.strip()
+            elif key == "flags" and not flags:
                 flags = set(value.split())
     except OSError:
         pass
+    if len(numbers) == 2:
+        name = f"{name} (family {numbers['cpu family']}, model {numbers['model']})"
     present = [f for f in CPU_FLAGS if f in flags]
     kind = ("AMX" if "amx_bf16" in flags else "AVX-512-BF16" if "avx512_bf16" in flags else
             "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other")

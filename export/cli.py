@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    "onnxruntime only, not OpenVINO (default: plain graphs)")
     o.add_argument("--int8", action="store_true",
                    help="quantize the U-Net graphs to int8 (NNCF post-training quantization, calibrated on composekit's "
-                        "own sampler; needs the int8 extra). OpenVINO, TensorRT and ONNX Runtime run it with no option")
+                        "own sampler; needs the int8 extra): a QDQ ONNX graph (ONNX Runtime, TensorRT) and an OpenVINO "
+                        "IR beside it (NAME.int8.xml/.bin, which the OpenVINO backend loads); run with no option")
     o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--max-batch", type=int, default=8,

@@ -89,3 +89,27 @@ def test_soak_checks_every_answer_and_records_memory(tmp_path):
     assert result["answers"] == {"200": 24, "400": 3, "404": 3, "405": 3, "406": 3, "413": 3, "415": 3, "422": 3}
     assert result["rss_mb"][0]["after"] == 0 and result["rss_mb"][-1]["after"] == 45
     assert "RSS start -> end" in (tmp_path / "soak.md").read_text()
+
+
+def test_openvino_profile_splits_each_graph_of_an_int8_export(int8_export, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from benchmarks import profile_openvino
+
+    out = tmp_path / "profile"
+    assert profile_openvino.main(["--export", str(int8_export), "--repeats", "1", "--int8-float-graphs",
+                                  "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    # The U-Net passes run from the int8 IR (as the OpenVINO backend runs them), at the guided batch
+    assert rows["unet"]["file"] == "unet.int8.xml" and rows["unet"]["batch"] == 2
+    assert rows["unet_shallow"]["file"] == "unet_shallow.int8.xml"
+    assert rows["vae_decoder"]["file"] == "vae_decoder.onnx" and rows["vae_decoder"]["batch"] == 1
+    for row in rows.values():
+        assert row["median_s"] > 0 and abs(sum(row["share"].values()) - 1) < 1e-6
+    assert rows["unet"]["share"]["attention core"] > 0  # the tiny U-Net has attention blocks: they are found
+    assert rows["vae_decoder"]["share"]["attention core"] > 0  # and so has the VAE decoder's mid block
+    assert rows["object_encoder"]["share"]["attention core"] > 0  # and CLIP's layers
+    quantized = rows["vae_decoder, int8 (NNCF, random calibration)"]
+    assert quantized["speedup_vs_float"] > 0 and "quantized here" in quantized["file"]
+    assert "| unet | unet.int8.xml | 2 |" in out.with_suffix(".md").read_text()

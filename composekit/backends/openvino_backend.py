@@ -90,8 +90,8 @@ class OpenVINOBackend(GraphBackend):
         """A component's graph: its ONNX graph, or the OpenVINO IR an ``--int8`` export holds beside it."""
         if path.suffix != ".xml":
             return self.core.read_model(str(path))
-        weights = self.manifest.component(name)["openvino"]["external_data"]
-        return self.core.read_model(str(path), str(path.parent / weights[0]["file"]) if weights else "")
+        weights = self.manifest.openvino_weights(name)
+        return self.core.read_model(str(path), str(weights) if weights else "")
 
     def describe(self) -> str:
         ir = " (OpenVINO IR)" if any(self.manifest.openvino_path(n) for n in self.models) else ""

@@ -114,6 +114,12 @@ class ExportManifest:
         ir = self.data["components"][name].get("openvino")
         return None if ir is None else _inside(self.root, ir["file"])
 
+    def openvino_weights(self, name: str) -> Path | None:
+        """The ``.bin`` weights of component ``name``'s OpenVINO IR, if it has any (None: no IR or no weights)."""
+        ir = self.data["components"][name].get("openvino")
+        files = (ir or {}).get("external_data") or []
+        return _inside(self.root, files[0]["file"]) if files else None
+
 
 def load_order(manifest: ExportManifest, decoders: tuple[str, ...]) -> tuple[str, ...]:
     """The components a runtime opens from an export, in order: the object encoder and U-Net, the shallow U-Net
