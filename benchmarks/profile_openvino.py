@@ -7,9 +7,9 @@ composekit's settings (latency hint, bf16 where the CPU has it, else f32; static
 passes, as classifier-free guidance runs them, batch 1 for the rest) and OpenVINO's performance counters on.
 One warm-up, then ``--repeats`` calls: the median wall time, and the last call's counters summed by what the
 time went to: **attention's core** (every node directly inside an attention module — a transformer block's
-``attn1``/``attn2``, the VAE's mid-block attention, CLIP's ``self_attn`` — except its projections and norms: the score and value
-products, the softmax between them, which OpenVINO fuses into one subgraph, and the reshapes around them),
-convolutions, fully connected layers (the projections and feed-forward layers), and the rest.
+``attn1``/``attn2``, the VAE's mid-block attention, CLIP's ``self_attn`` — except its projections and norms:
+the score and value products, the softmax between them, which OpenVINO fuses into one subgraph, and the
+reshapes around them), convolutions, fully connected layers (the projections and feed-forward layers), and the rest.
 
 ``--int8-float-graphs``: the graphs the export keeps in float (the VAE encoder and decoder) are also quantized
 with NNCF (``nncf.quantize``, preset MIXED, three random calibration inputs) and timed the same way: the speed
@@ -96,26 +96,24 @@ def _quantized(core: Any, path: Path, feeds: dict[str, np.ndarray], rng: np.rand
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
+    from composekit.backends.openvino_backend import default_precision, graph_path, read_graph
     from composekit.formats.export_manifest import read_manifest
 
     manifest = read_manifest(args.export)
     specs = manifest.specs()
     core = ov.Core()
-    precision = "bf16" if "BF16" in set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")) else "f32"
+    precision = default_precision(set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {}
     for name, batch in GRAPHS.items():
         if not manifest.has(name):
             continue
-        ir = manifest.openvino_path(name)
-        path = ir or manifest.path(name)
-        weights = manifest.openvino_weights(name) if ir else None
+        path = graph_path(manifest, name)
         feeds = _inputs(specs[name], batch, rng)
         rows[name] = {"file": path.name, "batch": batch,
-                      **_profile(core, core.read_model(str(path), str(weights) if weights else ""), feeds,
-                                 precision, args.repeats)}
+                      **_profile(core, read_graph(core, manifest, name, path), feeds, precision, args.repeats)}
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
-        if args.int8_float_graphs and name in FLOAT_GRAPHS and not ir:
+        if args.int8_float_graphs and name in FLOAT_GRAPHS and path.suffix != ".xml":
             key = f"{name}, int8 (NNCF, random calibration)"
             rows[key] = {"file": f"{path.name} quantized here", "batch": batch,
                          **_profile(core, _quantized(core, path, feeds, rng), feeds, precision, args.repeats)}

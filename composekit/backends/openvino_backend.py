@@ -42,7 +42,7 @@ from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.formats.export_manifest import ExportManifest
 
-__all__ = ["OpenVINOBackend", "load", "default_cache_dir"]
+__all__ = ["OpenVINOBackend", "load", "default_cache_dir", "default_precision", "graph_path", "read_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,25 @@ def _io(ports: Any) -> list[tuple[str, str, list]]:
     return out
 
 
+def graph_path(manifest: ExportManifest, name: str) -> Path:
+    """The file OpenVINO reads for component ``name``: the OpenVINO IR an ``--int8`` export holds beside the
+    ONNX graph, else the ONNX graph."""
+    return manifest.openvino_path(name) or manifest.path(name)
+
+
+def read_graph(core: Any, manifest: ExportManifest, name: str, path: Path) -> Any:
+    """Component ``name``'s graph at ``path`` (:func:`graph_path`), read by OpenVINO (an IR with its weights)."""
+    if path.suffix != ".xml":
+        return core.read_model(str(path))
+    weights = manifest.openvino_weights(name)
+    return core.read_model(str(path), str(weights) if weights else "")
+
+
+def default_precision(capabilities: set[str]) -> str:
+    """bf16 where the device reports it, else f32."""
+    return "bf16" if "BF16" in capabilities else "f32"
+
+
 class OpenVINOBackend(GraphBackend):
     name = "openvino"
 
@@ -75,9 +94,9 @@ class OpenVINOBackend(GraphBackend):
                  components: tuple[str, ...] = COMPONENT_NAMES) -> None:
         self.core, self.device, self.config = core, device, config
         self.arrays = ArrayModule("cpu")  # OpenVINO's inputs and outputs are host arrays
-        self.models = self._open_export(manifest, components, self._read,
+        self.models = self._open_export(manifest, components, lambda name, path: read_graph(core, manifest, name, path),
                                         lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO",
-                                        path_of=lambda name: manifest.openvino_path(name) or manifest.path(name))
+                                        path_of=lambda name: graph_path(manifest, name))
         self.compiled: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -85,13 +104,6 @@ class OpenVINOBackend(GraphBackend):
         for name, batch in (("object_encoder", 1), ("vae_encoder", 1), *((u, b) for u in unets for b in (2, 1)),
                             (self.decoder, 1)):
             self._compiled(name, batch)
-
-    def _read(self, name: str, path: Path) -> Any:
-        """A component's graph: its ONNX graph, or the OpenVINO IR an ``--int8`` export holds beside it."""
-        if path.suffix != ".xml":
-            return self.core.read_model(str(path))
-        weights = self.manifest.openvino_weights(name)
-        return self.core.read_model(str(path), str(weights) if weights else "")
 
     def describe(self) -> str:
         ir = " (OpenVINO IR)" if any(self.manifest.openvino_path(n) for n in self.models) else ""
@@ -178,7 +190,7 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prec
     name = _device(core, device)
     capabilities = set(core.get_property(name, "OPTIMIZATION_CAPABILITIES"))
     if precision is None:
-        precision = "bf16" if "BF16" in capabilities else "f32"
+        precision = default_precision(capabilities)
         logger.info("precision=None: OpenVINO computes in %s on %s", precision, name)
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
