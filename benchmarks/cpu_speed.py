@@ -46,7 +46,8 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     from composekit.apps.random_models import make_random_model, make_random_tiny_vae
 
     paths = {"model": root / f"pbe-{size}", "taesd": root / f"taesd-{size}", "onnx": root / f"pbe-{size}-onnx",
-             "fused": root / f"pbe-{size}-onnx-fused", "int8": root / f"pbe-{size}-onnx-int8"}
+             "fused": root / f"pbe-{size}-onnx-fused", "int8": root / f"pbe-{size}-onnx-int8",
+             "int8-todo2": root / f"pbe-{size}-onnx-int8-todo2"}
     if not (paths["model"] / "model_index.json").exists():
         make_random_model(paths["model"], size, seed=0, overwrite=True)
     if not (paths["taesd"] / "config.json").exists():
@@ -70,6 +71,10 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     if any(ROWS[r][0] == "int8" for r in rows) and not current(paths["int8"], "tiny_vae_decoder", "unet_shallow",
                                                                         int8=True):
         export_onnx(paths["model"], paths["int8"], tiny_vae=paths["taesd"], int8=True, overwrite=True)
+    if any(ROWS[r][0] == "int8-todo2" for r in rows) and not current(paths["int8-todo2"], "tiny_vae_decoder",
+                                                                              "unet_shallow", int8=True):
+        export_onnx(paths["model"], paths["int8-todo2"], tiny_vae=paths["taesd"], int8=True, token_downsampling=2,
+                    overwrite=True)
     return paths
 
 
@@ -89,7 +94,8 @@ def _end_to_end(run: Any, steps: list[int]) -> tuple[dict[str, Any], Any]:
 
 
 # name -> (model, from_pretrained options, paste options, stages?). "model": the diffusers directory, the
-# plain export (with the tiny decoder), the fused export or the int8 export (with the tiny decoder).
+# plain export (with the tiny decoder), the fused export, the int8 export (with the tiny decoder) or the int8
+# export with token downsampling 2 traced in (with the tiny decoder).
 ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
     "composekit torch fp32": ("model", {"device": "cpu", "dtype": "float32"}, {}, True),
     "composekit torch bf16": ("model", {"device": "cpu", "dtype": "bfloat16"}, {}, True),
@@ -104,6 +110,11 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
     "int8 export, speed='fast'": ("int8", {}, {"speed": "fast"}, False),
     "int8 export, speed='fast', cache_interval=5": ("int8", {}, {"speed": "fast", "cache_interval": 5}, False),
     "int8 export on onnxruntime (QDQ graph)": ("int8", {"backend": "onnxruntime"}, {}, True),
+    "torch fp32, token_downsampling=2": ("model", {"device": "cpu", "dtype": "float32", "token_downsampling": 2}, {},
+                                         False),
+    "int8 + token downsampling 2 export": ("int8-todo2", {}, {}, True),
+    "int8 + token downsampling 2 export, cache_interval=3": ("int8-todo2", {}, {"cache_interval": 3}, False),
+    "int8 + token downsampling 2 export, speed='fast'": ("int8-todo2", {}, {"speed": "fast"}, False),
 }
 DEFAULT_ROWS = list(ROWS)
 
@@ -193,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measure(name, comp, options, stages)
         if where == "model":  # the torch backend shares its modules with a tiny-VAE copy
             add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))
-        elif stages and where in ("onnx", "int8"):  # the export's tiny decoder, loaded beside its VAE decoder
+        elif stages and where in ("onnx", "int8", "int8-todo2"):  # the export's tiny decoder, loaded beside its VAE decoder
             add_tiny_vae(name, _FastDecoder(comp.backend.inner))
         if name == "composekit torch fp32":  # the references at the other rows' step counts
             for s in sorted({row_steps(ROWS[r][2])[-1] for r in rows} - set(references)):

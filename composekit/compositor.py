@@ -167,7 +167,9 @@ class Compositor:
                 ``openvino``: ``precision`` (``"f32" | "bf16" | "f16"``; default bf16 where the CPU has
                 it), ``threads``, ``cache_dir`` (compiled-model cache; False = off).
                 ``tensorrt``: ``cuda_graph`` (replay the U-Net step as a CUDA graph), ``verify_engines``.
-                ``torch``: ``channels_last``, ``compile`` (see the backends page of the docs).
+                ``torch``: ``channels_last``, ``compile``, ``token_downsampling`` (2..4: the highest-resolution
+                self-attentions take keys and values from every N-th latent cell, a speed/quality trade; an
+                export has it traced in instead) (see the backends page of the docs).
         """
         device = parse_device(device, backend="composekit", allowed=tuple(KINDS))  # parsed once, here
         if backend in ("auto", "torch") and not Path(source).exists():

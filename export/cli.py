@@ -39,7 +39,8 @@ def _onnx(args: argparse.Namespace) -> int:
     manifest = export_onnx(args.model_dir, args.output, precision="fp16" if args.fp16 else "fp32",
                            dynamic_spatial=args.dynamic_spatial, max_batch=args.max_batch, opset=args.opset,
                            check=not args.no_check, overwrite=args.overwrite, optimize=args.optimize,
-                           tiny_vae=args.tiny_vae, int8=args.int8)
+                           tiny_vae=args.tiny_vae, int8=args.int8,
+                           token_downsampling=args.token_downsampling)
     print(f"wrote {args.output} ({manifest['precision']}, opset {manifest['opset']})")
     for name, c in manifest["components"].items():
         size = c["bytes"] + sum(e["bytes"] for e in c["external_data"])
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="quantize the U-Net graphs to int8 (NNCF post-training quantization, calibrated on composekit's "
                         "own sampler; needs the int8 extra): a QDQ ONNX graph (ONNX Runtime, TensorRT) and an OpenVINO "
                         "IR beside it (NAME.int8.xml/.bin, which the OpenVINO backend loads); run with no option")
+    o.add_argument("--token-downsampling", type=int, default=1, metavar="N",
+                   help="2..4: the U-Net's highest-resolution self-attentions take keys and values from every N-th "
+                        "latent cell in each direction (faster, a quality trade; recorded in the manifest); 1 = off")
     o.add_argument("--dynamic-spatial", action="store_true", help="dynamic image size (default: fixed model size)")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--max-batch", type=int, default=8,

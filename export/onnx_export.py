@@ -1,6 +1,7 @@
 """Export a model directory's four components to ONNX, with a manifest the runtime needs nothing beside.
 
     composekit-export onnx MODEL_DIR OUT_DIR [--fp16] [--dynamic-spatial] [--opset 17] [--optimize cpu|cuda]
+                           [--int8] [--tiny-vae DIR] [--token-downsampling N]
 
 For each component of :mod:`composekit.core.specs` (object encoder = CLIP + adaptor/mapper as one
 graph; U-Net; VAE encoder; VAE decoder):
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from composekit.backends.token_downsampling import MAX_FACTOR as MAX_TOKEN_DOWNSAMPLING
 from composekit.core.options import check_choice, check_integer
 from composekit.core.specs import ComponentSpec, ModelDims, component_specs
 from composekit.errors import InputError
@@ -195,6 +197,7 @@ def export_onnx(
     optimize: str | None = None,
     tiny_vae: str | os.PathLike | None = None,
     int8: bool = False,
+    token_downsampling: int = 1,
 ) -> dict[str, Any]:
     """Export ``model_dir`` (a diffusers-layout model directory) to ``out_dir``; returns the manifest.
 
@@ -205,6 +208,10 @@ def export_onnx(
     as the optional ``tiny_vae_decoder`` (used with ``from_pretrained(export, vae="tiny")``).
     ``int8``: quantize the U-Net graphs to int8 with NNCF, calibrated on inputs captured from composekit's
     own sampler (see :mod:`composekit_export.quantize`); fp32 only, not with ``optimize``.
+    ``token_downsampling``: 2..4 traces the U-Net graphs with the highest-resolution self-attentions taking
+    their keys and values from every N-th latent cell (see :mod:`composekit.backends.token_downsampling`; a
+    speed/quality trade, recorded in the manifest); 1 (default) = the model as it is. Not with
+    ``dynamic_spatial`` (the token grid is fixed at trace time).
     """
     import diffusers
     import onnx
@@ -220,6 +227,10 @@ def export_onnx(
     if int8 and (precision != "fp32" or optimize):
         raise InputError("--int8 quantizes fp32 graphs for runtimes that run QDQ graphs (OpenVINO, TensorRT, ONNX "
                          "Runtime); it does not combine with --fp16 or --optimize")
+    token_downsampling = check_integer("token_downsampling", token_downsampling, 1, MAX_TOKEN_DOWNSAMPLING)
+    if token_downsampling > 1 and dynamic_spatial:
+        raise InputError("--token-downsampling fixes the U-Net's token grid at the model's size; it does not combine "
+                         "with --dynamic-spatial")
     if int8:
         from composekit_export.quantize import require_nncf
 
@@ -235,7 +246,7 @@ def export_onnx(
 
         vae_dir = resolve_source(tiny_vae, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
     backend = load_torch(files, device="cpu", dtype="float16" if precision == "fp16" else "float32",
-                         vae=vae_dir)
+                         vae=vae_dir, token_downsampling=token_downsampling)
     float_dtype = "float16" if precision == "fp16" else "float32"
     info = backend.info
     with torch.no_grad():
@@ -324,6 +335,7 @@ def export_onnx(
                 "cutout_backdrop": files.index.get("cutout_backdrop", [255, 255, 255]),
                 "tiny_vae": None if vae_dir is None else str(tiny_vae),
                 "int8": quantized or None,
+                "token_downsampling": token_downsampling,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
                              "transformers": transformers.__version__,
                              **({key: next(iter(quantized.values()))[key] for key in ("nncf", "openvino")}

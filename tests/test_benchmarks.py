@@ -69,6 +69,11 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     assert "OpenVINO IR" in rows["int8 export: from_pretrained(int8 export)"]["describe"]
     qdq = rows["int8 export on onnxruntime (QDQ graph)"]
     assert qdq["backend"] == "onnxruntime" and "int8 U-Net" in qdq["describe"] and "OpenVINO IR" not in qdq["describe"]
+    todo = rows["int8 + token downsampling 2 export, cache_interval=3"]
+    assert todo["describe"].endswith("int8 U-Net (OpenVINO IR), token downsampling 2x") and todo["same_runtime_as"] == \
+        "int8 + token downsampling 2 export"
+    assert "token downsampling 2x" in rows["torch fp32, token_downsampling=2"]["describe"]
+    assert rows["torch fp32, token_downsampling=2"]["diff_vs_torch_fp32"]["max"] > 0  # it changes the image
     for row in rows.values():
         e2e = row["end_to_end"]
         assert abs(e2e["at_50_s"] - (e2e["fixed_s"] + 50 * e2e["per_step_s"])) < 1e-9

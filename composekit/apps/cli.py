@@ -70,8 +70,11 @@ def _compositor(args: argparse.Namespace):
 
 def _load_options(args: argparse.Namespace) -> dict:
     """``from_pretrained``'s keywords from the model flags (also handed to Ray actors and replicas)."""
-    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
-            "vae": args.vae}
+    options = {"backend": args.backend, "device": args.device, "dtype": args.dtype, "local_files_only": args.offline,
+               "vae": args.vae}
+    if getattr(args, "token_downsampling", None) is not None:  # a torch-backend option: passed only when given
+        options["token_downsampling"] = args.token_downsampling
+    return options
 
 
 def _method_options(args: argparse.Namespace, progress: bool = True) -> Any:
@@ -95,7 +98,7 @@ def _method_options(args: argparse.Namespace, progress: bool = True) -> Any:
 
 # The flags that say how a model is loaded (meaningless without --model), by destination.
 _LOAD_FLAGS = {"--backend": "backend", "--device": "device", "--dtype": "dtype", "--vae": "vae",
-               "--threads": "threads", "--offline": "offline"}
+               "--threads": "threads", "--offline": "offline", "--token-downsampling": "token_downsampling"}
 
 
 def _cmd_paste(args: argparse.Namespace) -> int:
@@ -429,6 +432,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, metavar="DIR_OR_REPO|tiny",
                    help="decode with a tiny autoencoder (speed option): an AutoencoderTiny folder or Hub id such as "
                    "madebyollin/taesd for a diffusers model, 'tiny' for an export made with --tiny-vae")
+    p.add_argument("--token-downsampling", type=int, default=None, metavar="N",
+                   help="2..4: the U-Net's highest-resolution self-attentions take keys and values from every N-th "
+                        "latent cell (speed/quality trade) when torch loads a diffusers model; an export has it "
+                        "traced in (composekit-export onnx --token-downsampling N)")
     p.add_argument("--threads", type=_typed(THREADS), default=None,
                    help="CPU threads for the torch backend (default: torch's, one per core). On a machine busy with "
                         "other work, 1 avoids multi-second stalls (see docs/troubleshooting.md)")

@@ -131,6 +131,11 @@ def choose_backend(requested: str, root: Path, device: Any = None) -> tuple[str,
     return name, content
 
 
+# Load options that change the U-Net's function: an export has them traced into its graphs instead.
+_EXPORT_TIME = {"token_downsampling": "have token downsampling traced in at export (composekit-export onnx "
+                                      "--token-downsampling N; the manifest says which); load the export without it"}
+
+
 def open_backend(name: str, content: Any, **options: Any) -> Backend:
     """Import backend ``name`` and open what :func:`choose_backend` read with it."""
     row = BACKENDS[name]
@@ -142,6 +147,8 @@ def open_backend(name: str, content: Any, **options: Any) -> Backend:
         ) from exc
     accepted = set(inspect.signature(module.load).parameters) - {"content"}
     unknown = sorted(set(options) - accepted)
+    for option in set(unknown) & set(_EXPORT_TIME):
+        raise InputError(f"backend {name!r} runs exported graphs, which {_EXPORT_TIME[option]}")
     if unknown:
         raise InputError(f"backend {name!r} takes no option(s) {unknown}; it accepts {sorted(accepted)}")
     return module.load(content, **options)

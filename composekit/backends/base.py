@@ -61,6 +61,7 @@ class ModelInfo:
     any_size_decode: bool = False  # the decoder accepts latents of any spatial size (decode="region")
     max_batch: int | None = None  # most composites per batch (exports: fixed at export; None = no limit)
     feature_channels: int = 0  # channels of the features feature caching reuses (0: the model cannot cache)
+    token_downsampling: int = 1  # keys/values of the highest-resolution self-attentions from every N-th cell (1: off)
 
     @property
     def feature_cache(self) -> bool:
@@ -79,7 +80,8 @@ class ModelInfo:
         return cls(family=manifest.family, model_size=dims.model_size, vae_scale_factor=dims.vae_scale_factor,
                    latent_channels=dims.latent_channels, unet_in_channels=dims.unet_in_channels, source=source,
                    max_batch=manifest.max_batch,
-                   feature_channels=dims.feature_channels)  # nonzero exactly when unet_shallow is there (checked)
+                   feature_channels=dims.feature_channels,  # nonzero exactly when unet_shallow is there (checked)
+                   token_downsampling=manifest.token_downsampling)
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,13 @@ class GraphBackend:
             check_graph_io(*io(graphs[name]), self.specs[name], manifest.precision, path)
         return graphs
 
-    def _int8_note(self) -> str:
-        """``", int8 U-Net"`` for an export quantized with ``--int8`` (for ``describe``), else empty."""
-        return ", int8 U-Net" if self.manifest.int8 else ""
+    def _export_notes(self, int8_form: str = "") -> str:
+        """What the export changed in the model, for ``describe``: ``", int8 U-Net"`` (``--int8``), ``", token
+        downsampling 2x"`` (``--token-downsampling 2``); empty for a plain export. ``int8_form`` follows the
+        int8 note (which graphs of the export run it)."""
+        notes = [f", int8 U-Net{int8_form}"] if self.manifest.int8 else []
+        factor = self.manifest.token_downsampling
+        return "".join(notes + ([f", token downsampling {factor}x"] if factor > 1 else []))
 
     # -- plumbing ---------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def describe(self) -> str:
         binding = f", IO binding on {self.arrays.device_type}" if self.io_binding else ""
-        return f"{self.providers[0]}, {self.manifest.precision}{self._int8_note()}{binding}"
+        return f"{self.providers[0]}, {self.manifest.precision}{self._export_notes()}{binding}"
 
     def _run(self, name: str, inputs: dict[str, Any]) -> list[Any]:
         if self.io_binding:

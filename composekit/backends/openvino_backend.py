@@ -107,7 +107,7 @@ class OpenVINOBackend(GraphBackend):
 
     def describe(self) -> str:
         ir = " (OpenVINO IR)" if any(self.manifest.openvino_path(n) for n in self.models) else ""
-        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}{self._int8_note()}{ir}"
+        return f"OpenVINO {self.device}, {self.config.get('INFERENCE_PRECISION_HINT', 'f32')}{self._export_notes(ir)}"
 
     def _compiled(self, name: str, batch: int) -> Any:
         """The model compiled for batch ``batch`` with the spec's fixed sizes (compiled once, then kept)."""

@@ -106,7 +106,7 @@ class TensorRTBackend(GraphBackend):
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.cuda_graph else ""
         return f"TensorRT {self.trt.__version__} on {self.arrays.device_type}:{self.arrays.device_id}, " \
-               f"{self.precision}{self._int8_note()}{graphs}"
+               f"{self.precision}{self._export_notes()}{graphs}"
 
     # -- per-thread contexts and bound buffers ----------------------------------------------------
 

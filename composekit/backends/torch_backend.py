@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from composekit.backends.base import ModelCard, ModelInfo, model_call
+from composekit.backends.token_downsampling import MAX_FACTOR as MAX_TOKEN_DOWNSAMPLING
+from composekit.backends.token_downsampling import apply as apply_token_downsampling
 from composekit.backends.unet_split import FeatureTap, ShallowUNet, feature_channels
 from composekit.core.devices import parse_device
-from composekit.core.options import check_bool, check_choice
+from composekit.core.options import check_bool, check_choice, check_integer
 from composekit.errors import BackendUnavailableError, InputError, ModelError
 from composekit.formats.model_source import TINY_VAE_ALLOW_PATTERNS, ModelFiles, resolve_source
 
@@ -272,7 +274,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, channels_last: bool = False,
-                 compile: bool | str = False) -> None:
+                 compile: bool | str = False, token_downsampling: int = 1) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         self.device, self.dtype = device, dtype
@@ -292,6 +294,11 @@ class TorchBackend:
         modules = {name: _load_component(cls, files, name, device, dtype) for name, cls in loaders.items()}
         self.image_encoder, self.unet_model, self.vae = modules["image_encoder"], modules["unet"], modules["vae"]
         self.adaptor = modules.get("adaptor")
+        # Before compiling and before the feature split: every U-Net pass, and every graph traced from it, has it.
+        self.token_downsampling = token_downsampling
+        changed = apply_token_downsampling(self.unet_model, token_downsampling)
+        if changed:
+            logger.info("token downsampling %dx in %d self-attentions", token_downsampling, changed)
         if channels_last:  # NHWC convolutions (faster with cuDNN's fp16 kernels); same weights, same function
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -318,6 +325,7 @@ class TorchBackend:
             source=str(files.root),
             any_size_decode=True,
             feature_channels=feature_channels(self.unet_model) if tap is not None else 0,
+            token_downsampling=token_downsampling,
         )
         self.card = ModelCard(self.info, files.configs["scheduler"], files.configs["feature_extractor"],
                               tuple(files.index.get("cutout_backdrop", [255, 255, 255])))
@@ -340,6 +348,7 @@ class TorchBackend:
         extras = (["channels_last"] if self.channels_last else []) + (
             [f"compiled ({self.compile_mode if isinstance(self.compile_mode, str) else 'default'})"]
             if self.compile_mode else [])
+        extras += [f"token downsampling {self.token_downsampling}x"] if self.token_downsampling > 1 else []
         extras += ["tiny VAE decoder"] if self.decoder == "tiny_vae_decoder" else []
         return ", ".join([str(self.device), str(self.dtype).replace("torch.", ""), *extras])
 
@@ -455,13 +464,15 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
 @on_compute_thread
 def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels_last: bool | None = None,
          compile: bool | str = False, vae: str | os.PathLike | None = None,
-         local_files_only: bool = False) -> TorchBackend:
+         local_files_only: bool = False, token_downsampling: int = 1) -> TorchBackend:
     """Open a model directory (read by :func:`composekit.formats.model_source.read_model_dir`) onto ``device`` in ``dtype``.
 
     ``channels_last``: NHWC memory layout for the U-Net and VAE (None = on for CUDA, off on the CPU).
     ``compile``: ``torch.compile`` the U-Net (True, or a mode such as ``"reduce-overhead"``, which
     replays CUDA graphs, or ``"max-autotune"``); the first call compiles (minutes for a full model).
     ``vae``: an ``AutoencoderTiny`` folder whose decoder replaces the VAE's.
+    ``token_downsampling``: 2..4 = the highest-resolution self-attentions take their keys and values from
+    every N-th latent cell in each direction (a speed/quality trade; 1 = off, exact).
     """
     files = content
     dev = _device(device)
@@ -478,8 +489,10 @@ def load(content: ModelFiles, *, device: Any = None, dtype: Any = None, channels
             raise InputError(f"vae={vae!r}: pass the folder or Hub id of a diffusers AutoencoderTiny (e.g. "
                              "madebyollin/taesd)")
         vae = resolve_source(vae, local_files_only=local_files_only, allow_patterns=TINY_VAE_ALLOW_PATTERNS)
+    token_downsampling = check_integer("token_downsampling", token_downsampling, 1, MAX_TOKEN_DOWNSAMPLING)
     with _LOAD_LOCK:
-        backend = TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile)
+        backend = TorchBackend(files, dev, dt, channels_last=channels_last, compile=compile,
+                               token_downsampling=token_downsampling)
         if vae is not None:
             backend.use_tiny_vae(load_tiny_vae(vae, dev, dt, backend.info.latent_channels))
         return backend

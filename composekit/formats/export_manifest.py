@@ -84,6 +84,11 @@ class ExportManifest:
         return dict(self.data.get("int8") or {})
 
     @property
+    def token_downsampling(self) -> int:
+        """The token downsampling factor traced into the U-Net graphs (``--token-downsampling``; 1 = none)."""
+        return int(self.data.get("token_downsampling") or 1)
+
+    @property
     def precision(self) -> str:
         return str(self.data["precision"])
 

@@ -295,6 +295,7 @@ SCHEMAS: dict[str, Schema] = {
         "tiny_vae": Field(("str", "null"), expect="null or where the tiny decoder came from"),
         "int8": Field(("object", "null"), False, lambda v: all(isinstance(x, dict) for x in v.values()),
                       expect="null or an object: component -> how it was quantized"),
+        "token_downsampling": Field(("int",), False, _int_in(1, 4), "an integer in 1..4"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": _BACKDROP,
