@@ -171,3 +171,29 @@ def test_cli_flag(tiny_model_dir, tmp_path):
     assert main([*args, "--token-downsampling", "2"]) == 0 and out.exists()
     assert main(["paste", str(obj), str(bg), "--box", "10,10,70,70", "-o", str(tmp_path / "c.png"),
                  "--token-downsampling", "2"]) != 0  # a model flag without --model
+
+
+def test_tensorrt_engines_built_from_such_an_export_equal_torch(tiny_model_dir, tmp_path, monkeypatch):
+    """The TensorRT backend against its stand-in (tests/fake_tensorrt.py; no machine here has TensorRT): the
+    engine directory carries the export's factor, and its engines compute what torch with the option does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import fake_tensorrt
+    from composekit_export.onnx_export import export_onnx
+    from fake_tensorrt import FAKE_GPU, build_fake_engines
+
+    from composekit.backends import tensorrt_backend
+    from composekit.backends.arrays import ArrayModule
+
+    monkeypatch.setattr(tensorrt_backend, "_runtime_environment",
+                        lambda device: (fake_tensorrt, ArrayModule("cpu"), FAKE_GPU))
+    export_onnx(tiny_model_dir, tmp_path / "onnx", token_downsampling=2)
+    build_fake_engines(tmp_path / "onnx", tmp_path / "engines")
+    comp = Compositor.from_pretrained(tmp_path / "engines", backend="tensorrt")
+    assert comp.backend.info.token_downsampling == 2 and "token downsampling 2x" in comp.backend.describe()
+    ref_comp = Compositor.from_pretrained(tiny_model_dir, device="cpu", token_downsampling=2)
+    for options in ({}, {"cache_interval": 3, "steps": 6, "guidance_end": 0.7}):
+        ref, ref_seen = _paste(ref_comp, **options)
+        got, seen = _paste(comp, **options)
+        assert np.abs(seen[-1] - ref_seen[-1]).max() <= 1e-3, options
+        assert np.abs(np.asarray(got.image, np.int16) - np.asarray(ref.image, np.int16)).max() <= 2
