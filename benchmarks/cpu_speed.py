@@ -40,41 +40,47 @@ from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, diffusers_pip
 STEPS_TO = 50
 
 
+# The exports the rows run on: name -> export_onnx options (with tiny_vae=True: the tiny decoder beside the VAE's,
+# from the TAESD-shaped random model). The plain export is always built; the others when a row needs them.
+EXPORTS: dict[str, dict[str, Any]] = {
+    "onnx": {"tiny_vae": True},
+    "fused": {"optimize": "cpu"},
+    "int8": {"tiny_vae": True, "int8": True},
+    "int8-todo2": {"tiny_vae": True, "int8": True, "token_downsampling": 2},
+}
+
+
 def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     from composekit_export.onnx_export import export_onnx
 
     from composekit.apps.random_models import make_random_model, make_random_tiny_vae
 
-    paths = {"model": root / f"pbe-{size}", "taesd": root / f"taesd-{size}", "onnx": root / f"pbe-{size}-onnx",
-             "fused": root / f"pbe-{size}-onnx-fused", "int8": root / f"pbe-{size}-onnx-int8",
-             "int8-todo2": root / f"pbe-{size}-onnx-int8-todo2"}
+    paths = {"model": root / f"pbe-{size}", "taesd": root / f"taesd-{size}",
+             **{name: root / f"pbe-{size}-{name if name == 'onnx' else 'onnx-' + name}" for name in EXPORTS}}
     if not (paths["model"] / "model_index.json").exists():
         make_random_model(paths["model"], size, seed=0, overwrite=True)
     if not (paths["taesd"] / "config.json").exists():
         make_random_tiny_vae(paths["taesd"], size, seed=0, overwrite=True)
 
-    def current(path: Path, *need: str, int8: bool = False) -> bool:
-        """An export of this composekit's format there, with the components the rows need (and int8 graphs with
-        their OpenVINO IR: an int8 export made before the IR would have OpenVINO run its QDQ graph)."""
+    def current(path: Path, options: dict[str, Any]) -> bool:
+        """An export of this composekit's format there, made with ``options``: the components the rows need (and
+        int8 graphs with their OpenVINO IR: an int8 export made before the IR would have OpenVINO run its QDQ
+        graph), the same token downsampling."""
         manifest = path / "manifest.json"
         if not manifest.exists():
             return False
         data = json.loads(manifest.read_text())
         components = data.get("components", {})
+        need = ["unet_shallow"] + (["tiny_vae_decoder"] if options.get("tiny_vae") else [])
         return all(n in components for n in need) and \
-            (not int8 or bool(data.get("int8")) and "openvino" in components.get("unet", {}))
+            (not options.get("int8") or bool(data.get("int8")) and "openvino" in components.get("unet", {})) and \
+            (data.get("token_downsampling") or 1) == options.get("token_downsampling", 1)
 
-    if not current(paths["onnx"], "tiny_vae_decoder", "unet_shallow"):
-        export_onnx(paths["model"], paths["onnx"], tiny_vae=paths["taesd"], overwrite=True)
-    if any(ROWS[r][0] == "fused" for r in rows) and not current(paths["fused"], "unet_shallow"):
-        export_onnx(paths["model"], paths["fused"], optimize="cpu", overwrite=True)
-    if any(ROWS[r][0] == "int8" for r in rows) and not current(paths["int8"], "tiny_vae_decoder", "unet_shallow",
-                                                                        int8=True):
-        export_onnx(paths["model"], paths["int8"], tiny_vae=paths["taesd"], int8=True, overwrite=True)
-    if any(ROWS[r][0] == "int8-todo2" for r in rows) and not current(paths["int8-todo2"], "tiny_vae_decoder",
-                                                                              "unet_shallow", int8=True):
-        export_onnx(paths["model"], paths["int8-todo2"], tiny_vae=paths["taesd"], int8=True, token_downsampling=2,
-                    overwrite=True)
+    needed = {"onnx"} | {ROWS[r][0] for r in rows}
+    for name, options in EXPORTS.items():
+        if name in needed and not current(paths[name], options):
+            export_onnx(paths["model"], paths[name], overwrite=True,
+                        **{**options, "tiny_vae": paths["taesd"] if options.get("tiny_vae") else None})
     return paths
 
 
@@ -204,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measure(name, comp, options, stages)
         if where == "model":  # the torch backend shares its modules with a tiny-VAE copy
             add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))
-        elif stages and where in ("onnx", "int8", "int8-todo2"):  # the export's tiny decoder, loaded beside its VAE decoder
+        elif stages and EXPORTS[where].get("tiny_vae"):  # the export's tiny decoder, loaded beside its VAE decoder
             add_tiny_vae(name, _FastDecoder(comp.backend.inner))
         if name == "composekit torch fp32":  # the references at the other rows' step counts
             for s in sorted({row_steps(ROWS[r][2])[-1] for r in rows} - set(references)):

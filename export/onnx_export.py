@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from composekit.backends.token_downsampling import MAX_FACTOR as MAX_TOKEN_DOWNSAMPLING
-from composekit.core.options import check_choice, check_integer
+from composekit.core.options import MAX_TOKEN_DOWNSAMPLING, check_choice, check_integer
 from composekit.core.specs import ComponentSpec, ModelDims, component_specs
 from composekit.errors import InputError
 from composekit.formats.atomic import atomic_directory

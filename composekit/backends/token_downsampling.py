@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from composekit.core.options import check_integer
+from composekit.core.options import MAX_TOKEN_DOWNSAMPLING, check_integer
 from composekit.errors import InputError, ModelError
 
-__all__ = ["MAX_FACTOR", "SubsampledSelfAttention", "apply"]
-
-MAX_FACTOR = 4  # 1/16 of the keys; the method finds quality falls off quickly beyond 2-3 at 512 pixels
+__all__ = ["SubsampledSelfAttention", "apply"]
 
 
 class SubsampledSelfAttention:
@@ -66,14 +64,15 @@ def apply(unet: Any, factor: int) -> int:
     """Install token downsampling by ``factor`` (1 = off: nothing changes) on ``unet``, a diffusers
     ``UNet2DConditionModel``; returns how many self-attentions it changed. Raises InputError for a factor
     the latent's side is not a multiple of and ModelError for a U-Net it does not fit."""
-    factor = check_integer("token_downsampling", factor, 1, MAX_FACTOR)
+    factor = check_integer("token_downsampling", factor, 1, MAX_TOKEN_DOWNSAMPLING)
     if factor == 1:
         return 0
     side = unet.config.sample_size
     height, width = (side, side) if isinstance(side, int) else tuple(side)
     if height % factor or width % factor:
+        fitting = [str(f) for f in range(2, MAX_TOKEN_DOWNSAMPLING + 1) if not height % f and not width % f]
         raise InputError(f"token_downsampling={factor} does not divide the model's {height} x {width} latent; use "
-                         f"{', '.join(str(f) for f in range(2, MAX_FACTOR + 1) if not height % f and not width % f)}")
+                         f"{', '.join(fitting)}")
     attentions = _full_resolution_attentions(unet)
     if not attentions:
         raise ModelError("this U-Net has no self-attention at its highest resolution, so token downsampling would "

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from composekit.backends.base import ModelCard, ModelInfo, model_call
-from composekit.backends.token_downsampling import MAX_FACTOR as MAX_TOKEN_DOWNSAMPLING
 from composekit.backends.token_downsampling import apply as apply_token_downsampling
 from composekit.backends.unet_split import FeatureTap, ShallowUNet, feature_channels
 from composekit.core.devices import parse_device
-from composekit.core.options import check_bool, check_choice, check_integer
+from composekit.core.options import MAX_TOKEN_DOWNSAMPLING, check_bool, check_choice, check_integer
 from composekit.errors import BackendUnavailableError, InputError, ModelError
 from composekit.formats.model_source import TINY_VAE_ALLOW_PATTERNS, ModelFiles, resolve_source
 

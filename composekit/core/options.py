@@ -31,7 +31,8 @@ from composekit.errors import InputError
 
 __all__ = ["PasteOptions", "GenerativeOptions", "ClassicOptions", "Spec", "option", "Declared", "resolve",
            "fidelity_schedule", "check_number", "check_integer", "check_choice", "check_bool", "SEED", "THREADS",
-           "METHODS", "MAX_STEPS", "MAX_FEATHER", "MAX_CONTEXT", "FIDELITY_MAX_FACTOR"]
+           "METHODS", "MAX_STEPS", "MAX_FEATHER", "MAX_CONTEXT", "FIDELITY_MAX_FACTOR",
+           "MAX_TOKEN_DOWNSAMPLING"]
 
 METHODS = ("generative", "classic")
 MAX_STEPS = 1000  # also bounded by the model's schedule (see DDIMScheduler.max_steps)
@@ -39,6 +40,7 @@ MAX_FEATHER = 4096  # pixels; a wider soft edge than this is never useful and co
 MAX_CONTEXT = 64.0  # context window side / box side
 FIDELITY_MAX_FACTOR = 16  # low-pass factor N (latent cells) at the lowest non-zero fidelity
 MAX_SEED = 2**63 - 1
+MAX_TOKEN_DOWNSAMPLING = 4  # token downsampling factor: 1/16 of the keys; quality falls off beyond 2-3 at 512 px
 
 
 # -- the one validator ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from composekit.core.options import MAX_TOKEN_DOWNSAMPLING
 from composekit.errors import ModelError
 
 __all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "Field", "Schema", "read_json", "inside", "regular_file",
@@ -295,7 +296,8 @@ SCHEMAS: dict[str, Schema] = {
         "tiny_vae": Field(("str", "null"), expect="null or where the tiny decoder came from"),
         "int8": Field(("object", "null"), False, lambda v: all(isinstance(x, dict) for x in v.values()),
                       expect="null or an object: component -> how it was quantized"),
-        "token_downsampling": Field(("int",), False, _int_in(1, 4), "an integer in 1..4"),
+        "token_downsampling": Field(("int",), False, _int_in(1, MAX_TOKEN_DOWNSAMPLING),
+                                    f"an integer in 1..{MAX_TOKEN_DOWNSAMPLING}"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": _BACKDROP,
