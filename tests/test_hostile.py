@@ -226,6 +226,61 @@ def test_configs_with_wrong_types_or_impossible_values(model, file, change, matc
     assert str(model) in str(error)  # names the file
 
 
+def _refuse_weight_loads(monkeypatch, file: str) -> None:
+    """Fail the test if the component ``file`` configures is built with real weights (its class's
+    ``from_pretrained``): a config it describes must be refused before that."""
+    import diffusers
+
+    from composekit.backends.torch_backend import image_encoder_class
+
+    cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL, "image_encoder": image_encoder_class(),
+           "taesd": diffusers.AutoencoderTiny}[Path(file).parent.name]
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__}.from_pretrained ran: the config was not refused before allocating")
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
+
+
+# Each config would make diffusers/transformers allocate and initialise 4-34 GB before comparing it with the
+# weights (measured: intermediate_size 2**22 alone peaked at 4.7 GB); the whole tiny model is 1.2 M numbers.
+@pytest.mark.parametrize("file,change", [
+    ("image_encoder/config.json", {"intermediate_size": 2**26}),
+    ("image_encoder/config.json", {"hidden_size": 16384, "num_attention_heads": 16}),
+    ("unet/config.json", {"time_embedding_dim": 2**16}),
+    ("unet/config.json", {"block_out_channels": [16384, 16384], "norm_num_groups": 32}),
+    ("vae/config.json", {"block_out_channels": [8192] * 4}),
+])
+def test_configs_describing_huge_models_are_refused_before_allocating(model, monkeypatch, file, change):
+    _refuse_weight_loads(monkeypatch, file)
+    _edit(model / file, **change)
+    error, _ = _raises_within(lambda: _load(model), ModelError, match="but its weight files hold")
+    assert str(model / file) in str(error)
+
+
+@pytest.mark.parametrize("file,change,match", [
+    ("vae/config.json", {"layers_per_block": 10**6}, "1..64"),
+    ("unet/config.json", {"layers_per_block": [1, 10**6]}, "1..64"),
+    ("unet/config.json", {"transformer_layers_per_block": [[1], [10**6]]}, "1..64"),
+    ("image_encoder/config.json", {"num_hidden_layers": 10**5}, "1..256"),
+])
+def test_layer_counts_that_would_take_minutes_to_build_are_refused(model, monkeypatch, file, change, match):
+    _refuse_weight_loads(monkeypatch, file)
+    _edit(model / file, **change)
+    _raises_within(lambda: _load(model), ModelError, match=match, seconds=10)
+
+
+def test_a_tiny_vae_config_describing_a_huge_model(model, tmp_path, monkeypatch):
+    from composekit.apps.random_models import make_random_tiny_vae
+
+    taesd = make_random_tiny_vae(tmp_path / "taesd", "tiny", seed=3)
+    _refuse_weight_loads(monkeypatch, "taesd/config.json")
+    _edit(taesd / "config.json", num_decoder_blocks=[10**6, 1, 1, 1])
+    _raises_within(lambda: _load(model, vae=taesd), ModelError, match="num_decoder_blocks")
+    _edit(taesd / "config.json", num_decoder_blocks=[1, 1, 1, 1], decoder_block_out_channels=[8192] * 4)
+    _raises_within(lambda: _load(model, vae=taesd), ModelError, match="but its weight files hold")
+
+
 def test_deeply_nested_json(model):
     saved = (model / "unet" / "config.json").read_text()
     (model / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)

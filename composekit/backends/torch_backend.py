@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -146,25 +147,71 @@ def on_compute_thread(fn: Any) -> Any:
     return call
 
 
-def _check_weight_dtypes(files: ModelFiles, name: str) -> None:
-    """Every stored tensor must be floating point (integer index buffers excepted); names the tensor."""
+def _check_weights(paths: tuple[Path, ...]) -> int:
+    """Every stored tensor must be floating point (integer index buffers excepted); names the tensor.
+    Returns how many numbers the weight files hold (read from their headers)."""
     from safetensors import safe_open
 
-    for path in files.weights[name]:
+    stored = 0
+    for path in paths:
         try:
             with safe_open(str(path), framework="np") as f:
-                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                dtypes = {key: s.get_dtype() for key, s in slices.items()}
+                stored += sum(math.prod(s.get_shape()) for s in slices.values())
         except Exception as exc:  # safetensors' SafetensorError for a header it cannot parse
             raise ModelError(f"{path} is not a readable safetensors file ({exc}); re-download the model") from None
         for key, dtype in dtypes.items():
             if dtype not in _FLOAT_DTYPES and not key.endswith(("position_ids", "num_batches_tracked")):
                 raise ModelError(f"{path}: tensor {key!r} has dtype {dtype}; expected a float type")
+    return stored
+
+
+def _skeleton_parameters(cls: Any, folder: Path) -> int:
+    """How many parameters the component's config describes, counted on a skeleton whose tensors hold no
+    memory (accelerate's empty-weights context: what diffusers and transformers use for their own lazy loads)."""
+    from accelerate import init_empty_weights
+
+    with quiet_loading(), init_empty_weights():
+        if hasattr(cls, "config_class"):  # transformers
+            module = cls(cls.config_class.from_pretrained(str(folder)))
+        else:  # diffusers (and composekit's adaptor, a diffusers model)
+            module = cls.from_config(cls.load_config(str(folder)))
+    return sum(p.numel() for p in module.parameters())
+
+
+# A config may describe at most twice the numbers its weight files hold (plus this many) before anything is
+# built: a smaller disagreement costs no more memory than the files themselves and is then named tensor by
+# tensor by the load's own checks (missing or wrongly shaped weights).
+_SKELETON_SLACK = 2**20
+
+
+def _refuse_oversized_config(cls: Any, folder: Path, name: str, stored: int) -> None:
+    """Refuse a config that needs far more parameters than the weight files hold, before anything is allocated.
+
+    Such a pair can never load (some weight would be missing or of the wrong shape), but diffusers and
+    transformers build and initialise the whole model from the config before comparing it with the weights:
+    a corrupt or hostile config (a width of 10^8, a 16384-wide CLIP) would first allocate tens of GB."""
+    try:
+        needed = _skeleton_parameters(cls, folder)
+    except Exception as exc:  # the libraries' own refusals of impossible configs (ValueError, TypeError, ...)
+        raise ModelError(
+            f"could not build {name} from {folder / 'config.json'}: {type(exc).__name__}: {exc}. The config is "
+            "corrupt or from another model; re-download the model or rebuild it."
+        ) from exc
+    if needed > 2 * stored + _SKELETON_SLACK:
+        raise ModelError(
+            f"{folder / 'config.json'} describes {needed:,} parameters for the {name}, but its weight files hold "
+            f"{stored:,} numbers: the config and the weights do not belong together (a corrupt or edited "
+            "config?). Re-download the model or rebuild it; nothing was allocated."
+        )
 
 
 def _load_component(cls: Any, files: ModelFiles, name: str, device: torch.device, dtype: torch.dtype):
     """Load one component strictly: every weight present, of the right shape, finite."""
-    _check_weight_dtypes(files, name)
+    stored = _check_weights(files.weights[name])
     folder = files.component_dir(name)
+    _refuse_oversized_config(cls, folder, name, stored)
     kwargs: dict[str, Any] = {"use_safetensors": True, "output_loading_info": True}
     if hasattr(cls, "config_class"):
         # transformers: report wrongly shaped tensors in the loading info (we refuse them below, by name)
@@ -436,10 +483,11 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     from diffusers import AutoencoderTiny
 
     from composekit.formats.model_source import check_safetensors
-    from composekit.formats.safe_json import read_json
+    from composekit.formats.safe_json import SCHEMAS, read_json
 
     fix = "pass the folder (or Hub id) of a diffusers AutoencoderTiny such as madebyollin/taesd"
-    config = read_json(path / "config.json", fix=fix, missing=f"{path} has no config.json; {fix}")
+    config = read_json(path / "config.json", schema=SCHEMAS["tiny_vae"], fix=fix,
+                       missing=f"{path} has no config.json; {fix}")
     if config.get("_class_name") != "AutoencoderTiny":
         raise ModelError(f"{path} holds a {config.get('_class_name')!r}, not an AutoencoderTiny; {fix}")
     if config.get("latent_channels") != latent_channels:
@@ -449,6 +497,7 @@ def load_tiny_vae(path: Path, device: torch.device, dtype: torch.dtype, latent_c
     if not weights.is_file():
         raise ModelError(f"{path} has no diffusion_pytorch_model.safetensors (pickle weights are refused); {fix}")
     check_safetensors(weights)
+    _refuse_oversized_config(AutoencoderTiny, path, "tiny VAE", _check_weights((weights,)))
     try:
         with quiet_loading():
             module, info = AutoencoderTiny.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False,

@@ -220,6 +220,17 @@ def _size(v: Any) -> bool:
 
 
 _DIM = _int_in(1, 16384)
+MAX_LAYERS = 64  # layers per block: a larger count only makes a config take minutes to build (SD uses 1-2, SDXL 10)
+
+
+def _layer_counts(v: Any) -> bool:
+    """A layer count, or a (nested) list of them, each in 1..MAX_LAYERS."""
+    if isinstance(v, list):
+        return 1 <= len(v) <= 16 and all(_layer_counts(x) for x in v)
+    return type(v) is int and 1 <= v <= MAX_LAYERS
+
+
+_LAYERS = Field(("int", "list"), False, _layer_counts, f"an integer in 1..{MAX_LAYERS} or a list of them")
 _RGB = _numbers(3, 0, 255)
 _BACKDROP = Field(("list",), check=lambda v: _RGB(v) and all(type(x) is int for x in v),
                   expect="[r, g, b] integers in 0..255")
@@ -241,18 +252,24 @@ SCHEMAS: dict[str, Schema] = {
         "sample_size": Field(("int",), True, _int_in(1, 1024), "the latent side, an integer in 1..1024"),
         "cross_attention_dim": Field(("int",), True, _DIM, "an integer in 1..16384"),
         "block_out_channels": Field(("list",), False, _ints(1, 16384), "a list of 1..16 positive integers"),
+        "layers_per_block": _LAYERS,
+        "transformer_layers_per_block": _LAYERS,
+        "reverse_transformer_layers_per_block": Field(("list", "null"), False, _layer_counts,
+                                                      f"null or a list of integers in 1..{MAX_LAYERS}"),
     },
     "vae": {
         "latent_channels": Field(("int",), False, _int_in(1, 64), "an integer in 1..64"),
         "block_out_channels": Field(("list",), True, _ints(1, 16384, 1, 8), "a list of 1..8 positive integers"),
         "scaling_factor": Field(("number",), False, _num_in(0, 1e3, open_lo=True), "a positive number"),
         "sample_size": Field(("int",), False, _int_in(1, 16384), "an integer in 1..16384"),
+        "layers_per_block": _LAYERS,
     },
     "image_encoder": {
         "hidden_size": Field(("int",), True, _DIM, "an integer in 1..16384"),
         "projection_dim": Field(("int",), False, _DIM, "an integer in 1..16384"),
         "image_size": Field(("int",), False, _int_in(1, 4096), "an integer in 1..4096"),
         "patch_size": Field(("int",), False, _int_in(1, 4096), "an integer in 1..4096"),
+        "num_hidden_layers": Field(("int",), False, _int_in(1, 256), "an integer in 1..256"),
     },
     "adaptor": {
         "width": Field(("int",), False, _DIM, "an integer in 1..16384"),
@@ -260,6 +277,11 @@ SCHEMAS: dict[str, Schema] = {
         "tokens_in": Field(("int",), False, _int_in(1, 4096), "an integer in 1..4096"),
         "tokens_out": Field(("int",), False, _int_in(1, 4096), "an integer in 1..4096"),
         "kind": Field(("str",), False, expect="'mapper' or 'conv1d'"),
+        "num_blocks": Field(("int",), False, _int_in(1, MAX_LAYERS), f"an integer in 1..{MAX_LAYERS}"),
+    },
+    "tiny_vae": {
+        "num_encoder_blocks": Field(("list",), False, _layer_counts, f"a list of integers in 1..{MAX_LAYERS}"),
+        "num_decoder_blocks": Field(("list",), False, _layer_counts, f"a list of integers in 1..{MAX_LAYERS}"),
     },
     "scheduler": {
         "num_train_timesteps": Field(("int",), False, _int_in(2, 100_000), "an integer in 2..100000"),
