@@ -96,6 +96,34 @@ def test_soak_checks_every_answer_and_records_memory(tmp_path):
     assert "RSS start -> end" in (tmp_path / "soak.md").read_text()
 
 
+def test_compute_ceiling_counts_the_unet_and_bounds_the_ratio(tiny_model_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import compute_ceiling
+
+    out = tmp_path / "ceiling"
+    assert compute_ceiling.main(["--model", str(tiny_model_dir), "--steps", "10", "--cache-interval", "3",
+                                 "--repeats", "1", "--out", str(out)]) == 0
+    r = json.loads(out.with_suffix(".json").read_text())
+    # The meta-device count equals the same counter on a real pass of the real weights (with attention in
+    # torch's math kernel: the counter does not see inside the fused CPU kernel a real pass would pick).
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model_dir / "unet")).eval()
+    side = unet.config.sample_size
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(2, 9, side, side), torch.tensor([500, 500]), encoder_hidden_states=torch.randn(2, 1, 32))
+    assert r["unet_gflop"]["full"] == pytest.approx(counter.get_total_flops() / 1e9)
+    assert 0 < r["unet_gflop"]["shallow"] < r["unet_gflop"]["full"]
+    assert (r["full_passes"], r["shallow_passes"]) == (4, 6)  # steps 0, 3, 6, 9 are full passes
+    assert set(r["peaks_gops"]) >= {"int8", "f32"} and all(p["ops_per_s"] > 0 for p in r["peaks_gops"].values())
+    ceiling = (4 * r["unet_gflop"]["full"] + 6 * r["unet_gflop"]["shallow"]) / r["peaks_gops"]["int8"]["ops_per_s"]
+    assert r["unet_ceiling_s"] == pytest.approx(ceiling)
+    assert r["ceiling_ratio"] == pytest.approx(10 * r["diffusers_unet_step_s"] / ceiling)
+    assert "at most" in out.with_suffix(".md").read_text()
+
+
 def test_openvino_profile_splits_each_graph_of_an_int8_export(int8_export, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
