@@ -657,3 +657,12 @@ def test_generated_engine_mutations(export_dir, tmp_path_factory, key, value, ta
         _file_mutation(path, action if action not in ("set", "delete") else "garbage")
     _expect_typed(lambda: Compositor.from_pretrained(root, backend="tensorrt"))
     shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def test_without_accelerate_the_torch_backend_says_what_to_install(model, monkeypatch):
+    import sys
+
+    from composekit import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if it were not installed
+    _raises_within(lambda: _load(model), BackendUnavailableError, match="accelerate")

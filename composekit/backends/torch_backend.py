@@ -25,7 +25,7 @@ from composekit.backends.token_downsampling import apply as apply_token_downsamp
 from composekit.backends.unet_split import FeatureTap, ShallowUNet, feature_channels
 from composekit.core.devices import parse_device
 from composekit.core.options import MAX_TOKEN_DOWNSAMPLING, check_bool, check_choice, check_integer
-from composekit.errors import BackendUnavailableError, InputError, ModelError
+from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.formats.model_source import TINY_VAE_ALLOW_PATTERNS, ModelFiles, resolve_source
 
 __all__ = ["TorchBackend", "load"]
@@ -167,11 +167,9 @@ def _check_weights(paths: tuple[Path, ...]) -> int:
     return stored
 
 
-def _skeleton_parameters(cls: Any, folder: Path) -> int:
+def _skeleton_parameters(cls: Any, folder: Path, init_empty_weights: Any) -> int:
     """How many parameters the component's config describes, counted on a skeleton whose tensors hold no
     memory (accelerate's empty-weights context: what diffusers and transformers use for their own lazy loads)."""
-    from accelerate import init_empty_weights
-
     with quiet_loading(), init_empty_weights():
         if hasattr(cls, "config_class"):  # transformers
             module = cls(cls.config_class.from_pretrained(str(folder)))
@@ -193,7 +191,11 @@ def _refuse_oversized_config(cls: Any, folder: Path, name: str, stored: int) -> 
     transformers build and initialise the whole model from the config before comparing it with the weights:
     a corrupt or hostile config (a width of 10^8, a 16384-wide CLIP) would first allocate tens of GB."""
     try:
-        needed = _skeleton_parameters(cls, folder)
+        from accelerate import init_empty_weights
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the torch backend needs accelerate ({exc}); {install_hint('torch')}") from exc
+    try:
+        needed = _skeleton_parameters(cls, folder, init_empty_weights)
     except Exception as exc:  # the libraries' own refusals of impossible configs (ValueError, TypeError, ...)
         raise ModelError(
             f"could not build {name} from {folder / 'config.json'}: {type(exc).__name__}: {exc}. The config is "
