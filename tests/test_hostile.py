@@ -571,15 +571,21 @@ def test_generated_model_directory_mutations(tiny_model_dir, tmp_path_factory, f
         _mutate_json(path, data, key, value, action)
     else:
         _file_mutation(path, action if action not in ("set", "delete") else "truncate")
-    outcome = _expect_typed(lambda: Compositor.from_pretrained(root, device="cpu"))
-    if outcome == "loaded":  # a harmless change: the model must still composite, keeping the background
-        bg = gradient_background(40, 30)
-        try:
-            r = Compositor.from_pretrained(root, device="cpu").paste(noise_object(), bg, (5, 5, 30, 25), **FAST)
-        except ComposekitError:
-            return
-        np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(bg)[~r.mask])
-    shutil.rmtree(root.parent, ignore_errors=True)
+    try:
+        outcome = _expect_typed(lambda: Compositor.from_pretrained(root, device="cpu"))
+        if outcome == "loaded":  # a harmless change: the model must still composite, keeping the background
+            comp = Compositor.from_pretrained(root, device="cpu")
+            if comp.backend.info.model_size > 1024:  # a valid but large sample_size: minutes a paste (4096 px: ~17)
+                event("loaded: large model_size, not pasted")
+                return
+            bg = gradient_background(40, 30)
+            try:
+                r = comp.paste(noise_object(), bg, (5, 5, 30, 25), **FAST)
+            except ComposekitError:
+                return
+            np.testing.assert_array_equal(np.asarray(r.image)[~r.mask], np.asarray(bg)[~r.mask])
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
 
 
 @settings(max_examples=150, **SETTINGS)
