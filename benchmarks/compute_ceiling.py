@@ -1,15 +1,15 @@
 """How fast a cached int8 U-Net could be on this CPU at best: the U-Net's arithmetic against the CPU's measured
-matrix-multiply peak, as a ratio against diffusers' own U-Net step measured in the same run.
+peak rate (its best layer kernel, measured), as a ratio against diffusers' own U-Net step measured in the same run.
 
     python -m benchmarks.compute_ceiling --model .bench-models/pbe-full --out bench-compute-ceiling
 
 1. **Arithmetic**: the full U-Net pass and the shallow pass (feature caching's), batch 2 as classifier-free
    guidance runs them, counted by torch's ``FlopCounterMode`` on an empty (meta) U-Net built from the model's
    config (its convolutions and matrix products; norms, activations and softmax are not counted).
-2. **The CPU's matrix-multiply peak, measured**: OpenVINO fully connected layers of the U-Net's sizes (tokens x
-   width of its feed-forward layers and of a 3x3 convolution unrolled), in int8 (a FakeQuantize'd input and int8
-   weights: OpenVINO's low-precision kernels, the ones an ``--int8`` export's U-Net runs), in bf16 where the CPU
-   has it, and in f32; the best of five calls of the best shape: the most generous figure this CPU gives.
+2. **The CPU's peak, measured**: single OpenVINO layers of the U-Net's sizes - fully connected layers (its
+   feed-forward layers, and one larger) and 3x3 convolutions (each level's resnets) - in int8 (a FakeQuantize'd
+   input and int8 weights: OpenVINO's low-precision kernels, the ones an ``--int8`` export's U-Net runs), in bf16
+   where the CPU has it, and in f32; the best of five calls of the best layer: the most generous figure.
 3. **diffusers' U-Net step**: ``UNet2DConditionModel`` in fp32 (torch), batch 2, median of ``--repeats`` calls.
 4. **The ceiling**: the least time ``--steps`` U-Net steps with one full pass in ``--cache-interval`` could take
    if every counted operation ran at the int8 peak and nothing else cost anything, and diffusers' U-Net time for
@@ -35,10 +35,12 @@ import numpy as np
 
 from .harness import cpu_description, report
 
-# (tokens, in, out) of fully connected layers the U-Net runs at batch 2: the 64x64 level's feed-forward (GEGLU
-# 320 -> 2 x 1280), the 32x32 level's (640 -> 2 x 2560), a 3x3 convolution of 320 channels unrolled; and a larger
-# one than any of them (the kernels' best case on this project's CPUs), so that the peak is generous.
-SHAPES = ((8192, 320, 2560), (2048, 640, 5120), (8192, 2880, 320), (8192, 1280, 5120))
+# The U-Net's two kinds of heavy layer at batch 2, as (kind, shape): fully connected (tokens, in, out) - the
+# 64x64 level's feed-forward (GEGLU 320 -> 2 x 1280), the 32x32 level's (640 -> 2 x 2560) and one larger than any
+# of them - and 3x3 convolutions (channels, side) of each level's resnets. The peak is the best of all of them, so
+# that it is generous: the bound must hold for every layer the U-Net has.
+LAYERS = (("fc", (8192, 320, 2560)), ("fc", (2048, 640, 5120)), ("fc", (8192, 1280, 5120)),
+          ("conv3x3", (320, 64)), ("conv3x3", (640, 32)), ("conv3x3", (1280, 16)))
 
 
 def unet_flops(model: Path) -> dict[str, float]:
@@ -66,24 +68,36 @@ def unet_flops(model: Path) -> dict[str, float]:
     return out
 
 
-def _fc(tokens: int, width: int, out: int, int8: bool) -> Any:
+def _layer(kind: str, shape: tuple[int, ...], int8: bool) -> tuple[Any, tuple[int, ...], float]:
+    """An OpenVINO model of one layer (int8: a FakeQuantize'd input and int8 weights, which OpenVINO's
+    low-precision kernels run), its input shape and its operation count."""
     import openvino as ov
     import openvino.opset13 as ops
 
     rng = np.random.default_rng(0)
-    x = ops.parameter([tokens, width], np.float32)
+    if kind == "fc":
+        tokens, width, out = shape
+        x_shape, w_shape, ops_count = (tokens, width), (out, width), 2.0 * tokens * width * out
+    else:
+        channels, side = shape
+        x_shape, w_shape = (2, channels, side, side), (channels, channels, 3, 3)
+        ops_count = 2.0 * 2 * side * side * channels * channels * 9
+    x = ops.parameter(list(x_shape), np.float32)
     if int8:
         lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
         x_in = ops.fake_quantize(x, lo, hi, lo, hi, 256)
-        w = ops.constant(rng.integers(-127, 128, (out, width)).astype(np.int8))
-        weight = ops.multiply(ops.convert(w, "f32"), ops.constant(np.full((out, 1), 0.01, np.float32)))
+        scale = np.full((w_shape[0],) + (1,) * (len(w_shape) - 1), 0.01, np.float32)
+        weight = ops.multiply(ops.convert(ops.constant(rng.integers(-127, 128, w_shape).astype(np.int8)), "f32"),
+                              ops.constant(scale))
     else:
-        x_in, weight = x, ops.constant(rng.standard_normal((out, width)).astype(np.float32))
-    return ov.Model([ops.matmul(x_in, weight, False, True)], [x])
+        x_in, weight = x, ops.constant(rng.standard_normal(w_shape).astype(np.float32))
+    y = ops.matmul(x_in, weight, False, True) if kind == "fc" else \
+        ops.convolution(x_in, weight, [1, 1], [1, 1], [1, 1], [1, 1])
+    return ov.Model([y], [x]), x_shape, ops_count
 
 
-def matmul_peaks(bf16: bool) -> dict[str, Any]:
-    """The best measured throughput (ops/s) of each format over :data:`SHAPES`, with the kernel that ran."""
+def kernel_peaks(bf16: bool) -> dict[str, Any]:
+    """The best measured throughput (ops/s) of each format over :data:`LAYERS`, with the layer and kernel."""
     import openvino as ov
 
     core = ov.Core()
@@ -93,23 +107,24 @@ def matmul_peaks(bf16: bool) -> dict[str, Any]:
     peaks: dict[str, Any] = {}
     for name, int8, precision in formats:
         best: dict[str, Any] = {"ops_per_s": 0.0}
-        for tokens, width, out in SHAPES:
-            compiled = core.compile_model(_fc(tokens, width, out, int8), "CPU",
+        for kind, shape in LAYERS:
+            model, x_shape, ops_count = _layer(kind, shape, int8)
+            compiled = core.compile_model(model, "CPU",
                                           {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
             kernel = next(op.get_rt_info()["primitiveType"].astype(str)
                           for op in compiled.get_runtime_model().get_ordered_ops()
-                          if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul"))
+                          if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul", "Convolution"))
             request = compiled.create_infer_request()
-            x = np.random.default_rng(1).uniform(-4, 4, (tokens, width)).astype(np.float32)
+            x = np.random.default_rng(1).uniform(-4, 4, x_shape).astype(np.float32)
             request.infer([x])  # warm-up
             seconds = []
             for _ in range(5):
                 start = time.perf_counter()
                 request.infer([x])
                 seconds.append(time.perf_counter() - start)
-            rate = 2 * tokens * width * out / min(seconds)
+            rate = ops_count / min(seconds)
             if rate > best["ops_per_s"]:
-                best = {"ops_per_s": rate, "shape": [tokens, width, out], "kernel": kernel}
+                best = {"ops_per_s": rate, "layer": kind, "shape": list(shape), "kernel": kernel}
         peaks[name] = best
     return peaks
 
@@ -138,7 +153,7 @@ def diffusers_unet_step(model: Path, repeats: int) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = cpu_description()
     flops = unet_flops(args.model)
-    peaks = matmul_peaks(bf16=cpu["class"] in ("AMX", "AVX-512-BF16"))
+    peaks = kernel_peaks(bf16=cpu["class"] in ("AMX", "AVX-512-BF16"))
     step = diffusers_unet_step(args.model, args.repeats)
     full = math.ceil(args.steps / args.cache_interval)  # a full pass on the first step and every N-th
     shallow = args.steps - full
@@ -165,9 +180,10 @@ def markdown(r: dict[str, Any]) -> str:
              f"CPU: {m['model']}, class {m['class']} ({', '.join(m['flags'])}), {m['cores']} cores", "",
              f"U-Net at batch 2: full pass {r['unet_gflop']['full']:.0f} GFLOP, shallow pass "
              f"{r['unet_gflop']['shallow']:.0f} GFLOP", "",
-             "| format | best measured matrix-multiply rate | shape (tokens, in, out) | kernel |", "|---|---|---|---|"]
+             "| format | best measured rate | layer (fc: tokens, in, out; conv3x3: channels, side at batch 2) | kernel |",
+             "|---|---|---|---|"]
     for name, p in r["peaks_gops"].items():
-        lines.append(f"| {name} | {p['ops_per_s']:.0f} GOPS | {p['shape']} | {p['kernel']} |")
+        lines.append(f"| {name} | {p['ops_per_s']:.0f} GOPS | {p['layer']} {p['shape']} | {p['kernel']} |")
     lines += ["",
               f"- diffusers fp32 U-Net step: {r['diffusers_unet_step_s']:.2f} s "
               f"({r['diffusers_effective_gflops']:.0f} GFLOP/s effective)",
