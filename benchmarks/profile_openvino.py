@@ -9,7 +9,9 @@ One warm-up, then ``--repeats`` calls: the median wall time, and the last call's
 time went to: **attention's core** (every node directly inside an attention module — a transformer block's
 ``attn1``/``attn2``, the VAE's mid-block attention, CLIP's ``self_attn`` — except its projections and norms:
 the score and value products, the softmax between them, which OpenVINO fuses into one subgraph, and the
-reshapes around them), convolutions, fully connected layers (the projections and feed-forward layers), and the rest.
+reshapes around them), convolutions, fully connected layers (the projections and feed-forward layers), and the rest;
+and attention's core again by the kernel that ran each part (``jit_avx512_i8``, ``jit_avx512_bf16``, ...: which
+number format it computed in). ``--graphs`` profiles only the graphs named.
 
 ``--int8-float-graphs``: the graphs the export keeps in float (the VAE encoder and decoder) are also quantized
 with NNCF (``nncf.quantize``, preset MIXED, three random calibration inputs) and timed the same way: the speed
@@ -73,13 +75,17 @@ def _profile(core: Any, model: Any, feeds: dict[str, np.ndarray], precision: str
         request.infer(feeds)
         times.append(time.perf_counter() - start)
     kinds: dict[str, float] = {}
+    attention: dict[str, float] = {}  # attention's core by the kernel that ran it (its number format shows)
     for info in request.profiling_info:
         if info.status == info.Status.EXECUTED:
             kind = _kind(info.node_name, info.node_type)
             kinds[kind] = kinds.get(kind, 0.0) + info.real_time.total_seconds()
+            if kind == "attention core":
+                attention[info.exec_type] = attention.get(info.exec_type, 0.0) + info.real_time.total_seconds()
     counted = sum(kinds.values())
     return {"median_s": statistics.median(times), "times_s": times, "counted_s": counted,
-            "share": {k: v / counted for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+            "share": {k: v / counted for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "attention_core_s_by_kernel": dict(sorted(attention.items(), key=lambda kv: -kv[1]))}
 
 
 def _quantized(core: Any, path: Path, feeds: dict[str, np.ndarray], rng: np.random.Generator) -> Any:
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {}
     for name, batch in GRAPHS.items():
-        if not manifest.has(name):
+        if not manifest.has(name) or (args.graphs and name not in args.graphs):
             continue
         path = graph_path(manifest, name)
         feeds = _inputs(specs[name], batch, rng)
@@ -137,6 +143,10 @@ def markdown(r: dict[str, Any]) -> str:
         speed = f" ({row['speedup_vs_float']:.2f}x float)" if "speedup_vs_float" in row else ""
         shares = " | ".join(f"{100 * row['share'].get(k, 0.0):.0f}%" for k in kinds)
         lines.append(f"| {name} | {row['file']} | {row['batch']} | {row['median_s']:.3f} s{speed} | {shares} |")
+    lines += ["", "Attention's core by kernel (seconds of the last call):", ""]
+    for name, row in r["rows"].items():
+        split = ", ".join(f"{k} {v:.3f} s" for k, v in row.get("attention_core_s_by_kernel", {}).items())
+        lines.append(f"- {name}: {split or 'none'}")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--int8-float-graphs", action="store_true",
                    help="also time the VAE encoder and decoder quantized with NNCF (speed only)")
+    p.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS), help="profile only these graphs (default: all)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     result = run(args)

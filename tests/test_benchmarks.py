@@ -146,3 +146,10 @@ def test_openvino_profile_splits_each_graph_of_an_int8_export(int8_export, tmp_p
     quantized = rows["vae_decoder, int8 (NNCF, random calibration)"]
     assert quantized["speedup_vs_float"] > 0 and "quantized here" in quantized["file"]
     assert "| unet | unet.int8.xml | 2 |" in out.with_suffix(".md").read_text()
+    for row in rows.values():  # attention's core split by kernel adds up to its share of the counted time
+        split = sum(row["attention_core_s_by_kernel"].values())
+        assert split == pytest.approx(row["share"]["attention core"] * row["counted_s"], rel=1e-6, abs=1e-9)
+    only = tmp_path / "only"
+    assert profile_openvino.main(["--export", str(int8_export), "--repeats", "1", "--graphs", "unet_shallow",
+                                  "--out", str(only)]) == 0
+    assert list(json.loads(only.with_suffix(".json").read_text())["rows"]) == ["unet_shallow"]
