@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description, report
+from .harness import _timeit, cpu_description, report
 
 # The U-Net's two kinds of heavy layer at batch 2, as (kind, shape): fully connected (tokens, in, out) - the
 # 64x64 level's feed-forward (GEGLU 320 -> 2 x 1280), the 32x32 level's (640 -> 2 x 2560) and one larger than any
@@ -116,13 +114,8 @@ def kernel_peaks(bf16: bool) -> dict[str, Any]:
                           if op.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul", "Convolution"))
             request = compiled.create_infer_request()
             x = np.random.default_rng(1).uniform(-4, 4, x_shape).astype(np.float32)
-            request.infer([x])  # warm-up
-            seconds = []
-            for _ in range(5):
-                start = time.perf_counter()
-                request.infer([x])
-                seconds.append(time.perf_counter() - start)
-            rate = ops_count / min(seconds)
+            timing = _timeit(lambda r=request, x=x: r.infer([x]), repeats=5, warmup=1, sync=lambda: None)
+            rate = ops_count / timing["min_s"]
             if rate > best["ops_per_s"]:
                 best = {"ops_per_s": rate, "layer": kind, "shape": list(shape), "kernel": kernel}
         peaks[name] = best
@@ -140,14 +133,9 @@ def diffusers_unet_step(model: Path, repeats: int) -> float:
     sample = torch.randn(2, channels, side, side, generator=gen)
     context = torch.randn(2, 1, unet.config.cross_attention_dim, generator=gen)
     timestep = torch.tensor([500, 500])
-    times = []
     with torch.inference_mode():
-        unet(sample, timestep, encoder_hidden_states=context)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            unet(sample, timestep, encoder_hidden_states=context)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return _timeit(lambda: unet(sample, timestep, encoder_hidden_states=context), repeats, warmup=1,
+                       sync=lambda: None)["median_s"]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
