@@ -65,7 +65,8 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
     def current(path: Path, options: dict[str, Any]) -> bool:
         """An export of this composekit's format there, made with ``options``: the components the rows need (and
         int8 graphs with their OpenVINO IR: an int8 export made before the IR would have OpenVINO run its QDQ
-        graph), the same token downsampling."""
+        graph), the same token downsampling, and traced with the single-token cross-attention (an export made
+        before it computes the full attention)."""
         manifest = path / "manifest.json"
         if not manifest.exists():
             return False
@@ -74,7 +75,8 @@ def _models(root: Path, size: str, rows: list[str]) -> dict[str, Path]:
         need = ["unet_shallow"] + (["tiny_vae_decoder"] if options.get("tiny_vae") else [])
         return all(n in components for n in need) and \
             (not options.get("int8") or bool(data.get("int8")) and "openvino" in components.get("unet", {})) and \
-            (data.get("token_downsampling") or 1) == options.get("token_downsampling", 1)
+            (data.get("token_downsampling") or 1) == options.get("token_downsampling", 1) and \
+            bool(data.get("single_token_cross_attention"))
 
     needed = {"onnx"} | {ROWS[r][0] for r in rows}
     for name, options in EXPORTS.items():

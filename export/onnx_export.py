@@ -257,6 +257,8 @@ def export_onnx(
     check_integer("max_batch", max_batch, 1, 256)
     specs = component_specs(dims, dynamic_spatial=dynamic_spatial, max_batch=max_batch)
     graphs = backend.components  # the torch backend's own module per component spec
+    # traced with cross-attention to a one-token context as a broadcast (composekit.backends.single_token_attention)
+    single_token = dims.context_tokens == 1 and backend.single_token_attention > 0
     calibration = None
     if int8:
         from composekit_export.quantize import capture_calibration, quantize_graph, quantize_openvino
@@ -335,6 +337,7 @@ def export_onnx(
                 "tiny_vae": None if vae_dir is None else str(tiny_vae),
                 "int8": quantized or None,
                 "token_downsampling": token_downsampling,
+                "single_token_cross_attention": single_token,  # false for multi-token contexts and older exports
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
                              "transformers": transformers.__version__,
                              **({key: next(iter(quantized.values()))[key] for key in ("nncf", "openvino")}

@@ -153,3 +153,31 @@ def test_openvino_profile_splits_each_graph_of_an_int8_export(int8_export, tmp_p
     assert profile_openvino.main(["--export", str(int8_export), "--repeats", "1", "--graphs", "unet_shallow",
                                   "--out", str(only)]) == 0
     assert list(json.loads(only.with_suffix(".json").read_text())["rows"]) == ["unet_shallow"]
+
+
+def test_single_token_benchmark_compares_torch_and_two_exports(tiny_model_dir, exported, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from composekit_export.onnx_export import export_onnx
+
+    from benchmarks import single_token_attention
+    from composekit.backends import torch_backend
+
+    before = tmp_path / "before"
+    with monkeypatch.context() as m:  # an export traced as composekit did before the shortcut: full cross-attention
+        m.setattr(torch_backend, "apply_single_token_attention", lambda unet: 0)
+        export_onnx(tiny_model_dir, before)
+    after = exported["paint_by_example"][1]
+    out = tmp_path / "single"
+    assert single_token_attention.main(["--model", str(tiny_model_dir), "--exports", str(before), str(after),
+                                        "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    t = result["torch"]
+    assert t["cross_attentions"] > 0 and t["rel_diff"] < 1e-5 and t["speedup"] > 0
+    assert len(t["times_s"]["single-token shortcut"]) == 2
+    ov = result["openvino"]
+    assert {k: v["single_token_cross_attention"] for k, v in ov["exports"].items()} == {"before": False, "after": True}
+    for name in ("unet", "unet_shallow"):  # the two graphs compute the same function
+        assert ov[name]["rel_diff"] < (5e-2 if ov["precision"] == "bf16" else 1e-4), name  # bf16: rounding
+        assert ov[name]["speedup"] == pytest.approx(ov[name]["median_s"]["before"] / ov[name]["median_s"]["after"])
+    text = out.with_suffix(".md").read_text()
+    assert "| torch float32 | U-Net" in text and "| OpenVINO" in text

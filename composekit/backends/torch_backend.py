@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from composekit.backends.base import ModelCard, ModelInfo, model_call
+from composekit.backends.single_token_attention import apply as apply_single_token_attention
 from composekit.backends.token_downsampling import apply as apply_token_downsampling
 from composekit.backends.unet_split import FeatureTap, ShallowUNet, feature_channels
 from composekit.core.devices import parse_device
@@ -347,6 +348,9 @@ class TorchBackend:
         changed = apply_token_downsampling(self.unet_model, token_downsampling)
         if changed:
             logger.info("token downsampling %dx in %d self-attentions", token_downsampling, changed)
+        # Exact: a one-token context (Paint by Example) makes each cross-attention a broadcast of one projection.
+        self.single_token_attention = apply_single_token_attention(self.unet_model)
+        logger.debug("single-token cross-attention shortcut on %d cross-attentions", self.single_token_attention)
         if channels_last:  # NHWC convolutions (faster with cuDNN's fp16 kernels); same weights, same function
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)

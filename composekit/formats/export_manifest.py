@@ -89,6 +89,12 @@ class ExportManifest:
         return int(self.data.get("token_downsampling") or 1)
 
     @property
+    def single_token_cross_attention(self) -> bool:
+        """Whether the U-Net graphs compute cross-attention to their one-token context as a broadcast (exact;
+        exports made before composekit traced it that way, and multi-token families, say false)."""
+        return bool(self.data.get("single_token_cross_attention"))
+
+    @property
     def precision(self) -> str:
         return str(self.data["precision"])
 

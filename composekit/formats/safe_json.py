@@ -320,6 +320,7 @@ SCHEMAS: dict[str, Schema] = {
                       expect="null or an object: component -> how it was quantized"),
         "token_downsampling": Field(("int",), False, _int_in(1, MAX_TOKEN_DOWNSAMPLING),
                                     f"an integer in 1..{MAX_TOKEN_DOWNSAMPLING}"),
+        "single_token_cross_attention": Field(("bool",), expect="true or false"),
         "scheduler": Field(("object",), True, expect="the scheduler config"),
         "feature_extractor": Field(("object",), True, expect="the feature extractor config"),
         "cutout_backdrop": _BACKDROP,
