@@ -5,7 +5,8 @@ peak rate (its best layer kernel, measured), as a ratio against diffusers' own U
 
 1. **Arithmetic**: the full U-Net pass and the shallow pass (feature caching's), batch 2 as classifier-free
    guidance runs them, counted by torch's ``FlopCounterMode`` on an empty (meta) U-Net built from the model's
-   config (its convolutions and matrix products; norms, activations and softmax are not counted).
+   config (its convolutions and matrix products; norms, activations and softmax are not counted), as composekit
+   runs it (cross-attention to the one-token context as a broadcast; diffusers' own count is reported beside it).
 2. **The CPU's peak, measured**: single OpenVINO layers of the U-Net's sizes - fully connected layers (its
    feed-forward layers, and one larger) and 3x3 convolutions (each level's resnets) - in int8 (a FakeQuantize'd
    input and int8 weights: OpenVINO's low-precision kernels, the ones an ``--int8`` export's U-Net runs), in bf16
@@ -42,14 +43,19 @@ LAYERS = (("fc", (8192, 320, 2560)), ("fc", (2048, 640, 5120)), ("fc", (8192, 12
 
 
 def unet_flops(model: Path) -> dict[str, float]:
-    """FLOPs of one full and one shallow U-Net pass at batch 2 (counted on meta tensors: nothing is allocated)."""
+    """FLOPs of one full and one shallow U-Net pass at batch 2 (counted on meta tensors: nothing is allocated):
+    ``full``/``shallow`` as composekit runs them (cross-attention to the one-token context as a broadcast,
+    composekit.backends.single_token_attention), ``full_diffusers``/``shallow_diffusers`` with diffusers' own
+    attention."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from composekit.backends.single_token_attention import apply
     from composekit.backends.unet_split import ShallowUNet, feature_channels
 
     config = UNet2DConditionModel.load_config(str(model / "unet"))
+    out = {}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         side, channels = unet.config.sample_size, unet.config.in_channels
@@ -57,12 +63,14 @@ def unet_flops(model: Path) -> dict[str, float]:
         timestep = torch.tensor([500, 500])
         context = torch.randn(2, 1, unet.config.cross_attention_dim)
         features = torch.randn(2, feature_channels(unet), side, side)
-        out = {}
-        for name, run in (("full", lambda: unet(sample, timestep, encoder_hidden_states=context)),
-                          ("shallow", lambda: ShallowUNet(unet)(sample, timestep, context, features))):
-            with FlopCounterMode(display=False) as counter:
-                run()
-            out[name] = float(counter.get_total_flops())
+        for suffix in ("_diffusers", ""):
+            if not suffix:
+                apply(unet)
+            for name, run in (("full", lambda: unet(sample, timestep, encoder_hidden_states=context)),
+                              ("shallow", lambda: ShallowUNet(unet)(sample, timestep, context, features))):
+                with FlopCounterMode(display=False) as counter:
+                    run()
+                out[name + suffix] = float(counter.get_total_flops())
     return out
 
 
@@ -172,8 +180,9 @@ def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# U-Net compute ceiling ({r['date']})", "",
              f"CPU: {m['model']}, class {m['class']} ({', '.join(m['flags'])}), {m['cores']} cores", "",
-             (f"U-Net at batch 2: full pass {r['unet_gflop']['full']:.0f} GFLOP, shallow pass "
-              f"{r['unet_gflop']['shallow']:.0f} GFLOP"), "",
+             (f"U-Net at batch 2, as composekit runs it: full pass {r['unet_gflop']['full']:.0f} GFLOP, shallow pass "
+              f"{r['unet_gflop']['shallow']:.0f} GFLOP (with diffusers' cross-attention: "
+              f"{r['unet_gflop']['full_diffusers']:.0f} and {r['unet_gflop']['shallow_diffusers']:.0f})"), "",
              "| format | best measured rate | layer (fc: tokens, in, out; conv3x3: channels, side at batch 2) | kernel |",
              "|---|---|---|---|"]
     for name, p in r["peaks_gops"].items():

@@ -114,8 +114,9 @@ def test_compute_ceiling_counts_the_unet_and_bounds_the_ratio(tiny_model_dir, tm
     side = unet.config.sample_size
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         unet(torch.randn(2, 9, side, side), torch.tensor([500, 500]), encoder_hidden_states=torch.randn(2, 1, 32))
-    assert r["unet_gflop"]["full"] == pytest.approx(counter.get_total_flops() / 1e9)
-    assert 0 < r["unet_gflop"]["shallow"] < r["unet_gflop"]["full"]
+    assert r["unet_gflop"]["full_diffusers"] == pytest.approx(counter.get_total_flops() / 1e9)
+    assert 0 < r["unet_gflop"]["shallow"] < r["unet_gflop"]["full"] < r["unet_gflop"]["full_diffusers"]
+    assert r["unet_gflop"]["shallow"] < r["unet_gflop"]["shallow_diffusers"]  # the shortcut is counted in both
     assert (r["full_passes"], r["shallow_passes"]) == (4, 6)  # steps 0, 3, 6, 9 are full passes
     assert set(r["peaks_gops"]) >= {"int8", "f32"} and all(p["ops_per_s"] > 0 for p in r["peaks_gops"].values())
     ceiling = (4 * r["unet_gflop"]["full"] + 6 * r["unet_gflop"]["shallow"]) / r["peaks_gops"]["int8"]["ops_per_s"]
