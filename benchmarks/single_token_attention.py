@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.model is None and not args.exports:
         p.error("give --model, --exports or both")
+    if args.repeats < 1:
+        p.error("--repeats must be positive")
     result = run(args)
     report(result, markdown(result), args.out)
     return 0

@@ -5,9 +5,8 @@ cross-attention with one key has one score per query, and the softmax of a singl
 so every query's output is that token's value vector, whatever the query:
 ``out = W_out (W_v c) + b_out``, the same row for all ``h x w`` queries. diffusers still computes the
 query projection of every token, the scores, the softmax and the value product, and projects each of the
-identical rows through ``to_out``: at the 64 x 64 latent of a 512-pixel model that is the largest part of
-the cross-attention's cost (about a tenth of a full-size guided U-Net pass in torch fp32 on the CPU,
-docs/benchmarks.md).
+identical rows through ``to_out``: for a 512-pixel Stable Diffusion 1.x U-Net about 3% of a pass's
+arithmetic, and 2-4.5% of its time on the CPU (measured interleaved: docs/benchmarks.md).
 
 :class:`SingleTokenCrossAttention` wraps a cross-attention's own processor: with a one-token context and
 no attention mask it projects the token once and broadcasts it to the queries; anything else (ObjectStitch's
