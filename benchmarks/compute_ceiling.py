@@ -63,14 +63,17 @@ def unet_flops(model: Path) -> dict[str, float]:
         timestep = torch.tensor([500, 500])
         context = torch.randn(2, 1, unet.config.cross_attention_dim)
         features = torch.randn(2, feature_channels(unet), side, side)
-        for suffix in ("_diffusers", ""):
-            if not suffix:
-                apply(unet)
+
+        def count(suffix: str) -> None:
             for name, run in (("full", lambda: unet(sample, timestep, encoder_hidden_states=context)),
                               ("shallow", lambda: ShallowUNet(unet)(sample, timestep, context, features))):
                 with FlopCounterMode(display=False) as counter:
                     run()
                 out[name + suffix] = float(counter.get_total_flops())
+
+        count("_diffusers")  # diffusers' attention
+        apply(unet)
+        count("")  # as composekit runs it
     return out
 
 

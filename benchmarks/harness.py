@@ -70,6 +70,26 @@ def _timeit(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[],
             "p75_s": q(0.75), "n": len(times)}
 
 
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Peers timed call by call: one warm-up round (each call once, in order), then ``repeats`` rounds of each call
+    in turn, so a change in the machine's speed hits every peer alike. Returns each call's seconds per round and
+    its last result."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    last: dict[str, Any] = {}
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            last[name] = fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times, last
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest difference of ``a`` from the reference ``b``, relative to ``b``'s largest magnitude."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description, report
+from .harness import cpu_description, interleaved, rel_diff, report
 
 
 def _calibration(export: Path) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -103,16 +103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for inputs in data[: args.error_inputs]:
             ref = requests["f32"].infer(inputs)[0].copy()
             for form in errors:
-                out = requests[form].infer(inputs)[0]
-                errors[form].append(float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12)))
+                errors[form].append(rel_diff(requests[form].infer(inputs)[0], ref))
         # Interleaved timings on the first input (one warm-up each).
-        times: dict[str, list[float]] = {form: [] for form in forms}
-        for round_ in range(args.repeats + 1):
-            for form, request in requests.items():
-                t = time.perf_counter()
-                request.infer(data[0])
-                if round_:
-                    times[form].append(time.perf_counter() - t)
+        times, _ = interleaved({form: (lambda r=request, x=data[0]: r.infer(x)) for form, request in requests.items()},
+                               args.repeats)
         f32 = statistics.median(times["f32"])
         results[name] = {
             "batch": int(data[0]["sample"].shape[0]), "calibration_inputs": len(data), "quantize_s": round(quantize_s, 1),

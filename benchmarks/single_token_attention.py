@@ -23,32 +23,15 @@ import copy
 import datetime as _dt
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description, report
+from .harness import cpu_description, interleaved, rel_diff, report
 from .profile_openvino import _inputs
 
 FULL, SHORTCUT = "diffusers' attention", "single-token shortcut"  # the torch row's two sides
-
-
-def _interleaved(calls: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Each call once to warm up, then ``repeats`` rounds of one call each in turn: medians, all times, outputs."""
-    outputs = {name: fn() for name, fn in calls.items()}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "times_s": times, "outputs": outputs}
-
-
-def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def _torch_row(model: Path, dtype: str, repeats: int) -> dict[str, Any]:
@@ -74,11 +57,10 @@ def _torch_row(model: Path, dtype: str, repeats: int) -> dict[str, Any]:
                 return unet(x, t, context).sample.float().numpy()
         return run
 
-    r = _interleaved({FULL: call(plain), SHORTCUT: call(fast)}, repeats)
-    out = r.pop("outputs")
-    med = r["median_s"]
-    return {**r, "dtype": dtype, "cross_attentions": changed,
-            "speedup": med[FULL] / med[SHORTCUT], "rel_diff": _rel_diff(out[SHORTCUT], out[FULL])}
+    times, out = interleaved({FULL: call(plain), SHORTCUT: call(fast)}, repeats)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"median_s": med, "times_s": times, "dtype": dtype, "cross_attentions": changed,
+            "speedup": med[FULL] / med[SHORTCUT], "rel_diff": rel_diff(out[SHORTCUT], out[FULL])}
 
 
 def _caller(request: Any, feeds: dict[str, np.ndarray]) -> Any:
@@ -112,10 +94,10 @@ def _openvino_rows(before: Path, after: Path, repeats: int) -> dict[str, Any]:
                                                         "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
             calls[key] = _caller(request, feeds)
             rows.setdefault(name, {}).setdefault("files", {})[key] = path.name
-        r = _interleaved(calls, repeats)
-        out = r.pop("outputs")
-        rows[name].update(r, speedup=r["median_s"]["before"] / r["median_s"]["after"],
-                          rel_diff=_rel_diff(out["after"], out["before"]))
+        times, out = interleaved(calls, repeats)
+        med = {key: statistics.median(t) for key, t in times.items()}
+        rows[name].update(median_s=med, times_s=times, speedup=med["before"] / med["after"],
+                          rel_diff=rel_diff(out["after"], out["before"]))
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     return rows
 

@@ -51,7 +51,6 @@ def test_anything_else_goes_to_the_wrapped_processor_unchanged(case):
     elif case == "4-d input":
         hidden = torch.randn(2, 32, 8, 8)
     else:
-        attn = _cross_attention()
         attn = type(attn)(32, heads=2, dim_head=16).eval()  # no cross_attention_dim: a self-attention
         context = None
     calls = []
@@ -79,13 +78,12 @@ def test_unet_pass_equals_diffusers_and_objectstitch_is_untouched(tiny_model_dir
     from composekit.apps.random_models import make_random_model
 
     for root, tokens in ((tiny_model_dir, 1), (make_random_model(tmp_path / "os", "tiny", family="objectstitch",
-                                                                  adaptor="conv1d", seed=1), None)):
+                                                                  adaptor="conv1d", seed=1), 77)):
         plain = UNet2DConditionModel.from_pretrained(root / "unet").eval()
         fast = copy.deepcopy(plain)
         assert apply(fast) == _attn2_count(plain) > 0
         assert apply(fast) == 0  # installed once
         cfg = plain.config
-        tokens = tokens or 77
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
         context = torch.randn(2, tokens, cfg.cross_attention_dim, generator=g)
