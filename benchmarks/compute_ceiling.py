@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import _timeit, cpu_description, report
+from .harness import _timeit, cpu_description, cpu_label, openvino_precision, report
 
 # The U-Net's two kinds of heavy layer at batch 2, as (kind, shape): fully connected (tokens, in, out) - the
 # 64x64 level's feed-forward (GEGLU 320 -> 2 x 1280), the 32x32 level's (640 -> 2 x 2560) and one larger than any
@@ -152,12 +152,8 @@ def diffusers_unet_step(model: Path, repeats: int) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = cpu_description()
     flops = unet_flops(args.model)
-    import openvino as ov
-
-    from composekit.backends.openvino_backend import default_precision
-
-    # bf16 where OpenVINO reports it, as the OpenVINO backend decides (not from the CPU's flags)
-    precision = default_precision(set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+    # bf16 where OpenVINO reports it, as the OpenVINO backend decides (not from the CPU's flags); f32 under an ISA cap
+    precision = openvino_precision(cpu)
     peaks = kernel_peaks(bf16=precision == "bf16")
     step = diffusers_unet_step(args.model, args.repeats)
     full = math.ceil(args.steps / args.cache_interval)  # a full pass on the first step and every N-th
@@ -182,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# U-Net compute ceiling ({r['date']})", "",
-             f"CPU: {m['model']}, class {m['class']} ({', '.join(m['flags'])}), {m['cores']} cores", "",
+             f"CPU: {m['model']}, class {cpu_label(m)} ({', '.join(m['flags'])}), {m['cores']} cores", "",
              (f"U-Net at batch 2, as composekit runs it: full pass {r['unet_gflop']['full']:.0f} GFLOP, shallow pass "
               f"{r['unet_gflop']['shallow']:.0f} GFLOP (with diffusers' cross-attention: "
               f"{r['unet_gflop']['full_diffusers']:.0f} and {r['unet_gflop']['shallow_diffusers']:.0f})"), "",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib.util
 import json
 import platform
 import sys
@@ -35,7 +36,8 @@ import numpy as np
 
 from composekit import Compositor, __version__
 
-from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, diffusers_pipeline, stage_times
+from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, cpu_label, diffusers_pipeline, openvino_precision, \
+    stage_times
 
 STEPS_TO = 50
 
@@ -131,6 +133,16 @@ def _cpu_has_bf16(cpu: dict[str, Any]) -> bool:
     return cpu["class"] in ("AMX", "AVX-512-BF16")
 
 
+def _load_options(cpu: dict[str, Any], where: str, load: dict[str, Any]) -> dict[str, Any]:
+    """A row's ``from_pretrained`` options; under an ISA cap below BF16 (an older CPU emulated), an export's
+    OpenVINO rows also get ``precision="f32"``: the default on a CPU without BF16, which OpenVINO would not pick
+    here (it reads the CPU's capabilities, not the cap, and its bf16 graphs then fail to compile)."""
+    if "hardware_class" not in cpu or where == "model" or "precision" in load \
+            or load.get("backend", "openvino") != "openvino" or importlib.util.find_spec("openvino") is None:
+        return load
+    return {**load, "precision": openvino_precision(cpu)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -153,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "composekit": __version__, "size": args.size, "steps": steps, "guidance": guidance, "repeats": args.repeats,
         "skipped": skipped, "rows": {},
     }
-    print(f"CPU: {cpu['model']}, class {cpu['class']} (flags: {', '.join(cpu['flags']) or 'none of ' + str(CPU_FLAGS)}"
+    print(f"CPU: {cpu['model']}, class {cpu_label(cpu)} (flags: {', '.join(cpu['flags']) or 'none of ' + str(CPU_FLAGS)}"
           f"), {cpu['cores']} cores", file=sys.stderr, flush=True)
     references: dict[int, np.ndarray] = {}  # composekit torch fp32's image at each step count
     mask = np.zeros(bg.shape[:2], bool)
@@ -208,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # every other row's image is compared with it, at the same step count.
     for name in rows:
         where, load, options, stages = ROWS[name]
-        comp = Compositor.from_pretrained(paths[where], **load)
+        comp = Compositor.from_pretrained(paths[where], **_load_options(cpu, where, load))
         measure(name, comp, options, stages)
         if where == "model":  # the torch backend shares its modules with a tiny-VAE copy
             add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))
@@ -297,7 +309,7 @@ def _ratios(results: dict[str, Any]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     cpu = results["machine"]["cpu"]
-    lines = [f"CPU: {cpu['model']}, **{cpu['class']}** (flags: {', '.join(cpu['flags']) or 'none'}), {cpu['cores']} "
+    lines = [f"CPU: {cpu['model']}, **{cpu_label(cpu)}** (flags: {', '.join(cpu['flags']) or 'none'}), {cpu['cores']} "
              f"cores. Random Paint-by-Example, size {results['size']} (guidance {results['guidance']}), "
              f"{results['machine']['threads']} torch threads; {results['date']}; `{results['command']}`. Stage times: "
              f"median of {results['repeats']} after one warm-up. End to end: one run at each of two step counts (multiples "

@@ -91,13 +91,37 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+CLASSES = ("other", "AVX2", "AVX-512", "AVX-512-BF16", "AMX")  # weakest first
+# Environment variables that cap the instructions the math libraries use below what the CPU has (an AVX2 CPU
+# emulated on a newer one): oneDNN (torch's convolutions, OpenVINO's kernels), ATen's vectorized kernels, MKL.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def _class_of_onednn_isa(value: str) -> str | None:
+    """The class a ``ONEDNN_MAX_CPU_ISA`` value allows (None: no cap, or one this harness does not know)."""
+    isa = value.strip().upper()
+    if isa in ("", "ALL", "DEFAULT"):
+        return None
+    if "AMX" in isa:
+        return "AMX"
+    if isa.startswith("AVX512_CORE_BF16") or isa.startswith("AVX512_CORE_FP16") or isa.startswith("AVX10"):
+        return "AVX-512-BF16"
+    if isa.startswith("AVX512"):
+        return "AVX-512"
+    if isa.startswith("AVX2"):
+        return "AVX2"
+    return "other" if isa in ("SSE41", "AVX") else None
 
 
 def cpu_description() -> dict[str, Any]:
     """The CPU's model name (with its family and model numbers: a virtual machine's name can be as vague as
     "AMD EPYC", and two hosts of one class ran OpenVINO's int8 kernels 2x apart) and the vector/matrix flags that
     decide which number formats are fast (from /proc/cpuinfo; ``class`` is AMX, AVX-512-BF16, AVX-512 or AVX2,
-    the best it has)."""
+    the best it has).
+
+    With ``ONEDNN_MAX_CPU_ISA`` set below the CPU's class (:data:`ISA_CAPS`: emulating an older CPU), ``class`` is
+    the capped one, ``hardware_class`` the CPU's own and ``isa_cap`` the variables set, so a run under a cap is
+    never reported as the hardware's."""
     name, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -116,7 +140,34 @@ def cpu_description() -> dict[str, Any]:
     present = [f for f in CPU_FLAGS if f in flags]
     kind = ("AMX" if "amx_bf16" in flags else "AVX-512-BF16" if "avx512_bf16" in flags else
             "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other")
-    return {"model": name, "flags": present, "class": kind, "cores": os.cpu_count()}
+    out: dict[str, Any] = {"model": name, "flags": present, "class": kind, "cores": os.cpu_count()}
+    caps = {var: os.environ[var] for var in ISA_CAPS if os.environ.get(var)}
+    if caps:
+        out["isa_cap"] = caps
+        capped = _class_of_onednn_isa(caps.get("ONEDNN_MAX_CPU_ISA", ""))
+        if capped is not None and CLASSES.index(capped) < CLASSES.index(kind):
+            out.update({"class": capped, "hardware_class": kind})
+    return out
+
+
+def cpu_label(cpu: dict[str, Any]) -> str:
+    """``cpu_description()``'s class for a report's header, naming an emulation as such."""
+    if "hardware_class" not in cpu:
+        return cpu["class"]
+    caps = ", ".join(f"{k}={v}" for k, v in cpu["isa_cap"].items())
+    return f"{cpu['class']} (emulated: a {cpu['hardware_class']} CPU capped by {caps})"
+
+
+def openvino_precision(cpu: dict[str, Any]) -> str:
+    """The precision the OpenVINO backend's default picks on ``cpu``: bf16 where OpenVINO reports it, else f32 —
+    and f32 under an ISA cap below BF16 (OpenVINO reads its capabilities from the CPU, not from the cap, and its
+    bf16 graphs then fail to compile)."""
+    import openvino as ov
+
+    from composekit.backends.openvino_backend import default_precision
+
+    precision = default_precision(set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+    return "f32" if precision == "bf16" and cpu["class"] not in ("AMX", "AVX-512-BF16") else precision
 
 
 def report(result: dict[str, Any], text: str, out: str | None) -> None:

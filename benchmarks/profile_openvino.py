@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description, report
+from .harness import cpu_description, cpu_label, openvino_precision, report
 
 GRAPHS = {"unet": 2, "unet_shallow": 2, "object_encoder": 1, "vae_encoder": 1, "vae_decoder": 1}  # name -> batch
 FLOAT_GRAPHS = ("vae_encoder", "vae_decoder")
@@ -102,13 +102,14 @@ def _quantized(core: Any, path: Path, feeds: dict[str, np.ndarray], rng: np.rand
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
-    from composekit.backends.openvino_backend import default_precision, graph_path, read_graph
+    from composekit.backends.openvino_backend import graph_path, read_graph
     from composekit.formats.export_manifest import read_manifest
 
     manifest = read_manifest(args.export)
     specs = manifest.specs()
     core = ov.Core()
-    precision = default_precision(set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+    cpu = cpu_description()
+    precision = openvino_precision(cpu)
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {}
     for name, batch in GRAPHS.items():
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows[key]["speedup_vs_float"] = rows[name]["median_s"] / rows[key]["median_s"]
             print(f"{key}: {rows[key]}", file=sys.stderr, flush=True)
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": " ".join(sys.argv),
-            "machine": cpu_description(), "openvino": ov.__version__, "export": str(args.export),
+            "machine": cpu, "openvino": ov.__version__, "export": str(args.export),
             "int8_export": bool(manifest.data.get("int8")), "precision": precision, "repeats": args.repeats,
             "rows": rows}
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     kinds = ("attention core", "convolution", "fully connected", "other")
-    header = (f"Machine: {m['model']}, class {m['class']}, {m['cores']} cores; OpenVINO {r['openvino']}, "
+    header = (f"Machine: {m['model']}, class {cpu_label(m)}, {m['cores']} cores; OpenVINO {r['openvino']}, "
               f"{r['precision']}; {r['date']}; `{r['command']}`")
     lines = [header, "",
              "| graph | file | batch | pass (median) | " + " | ".join(kinds) + " |",

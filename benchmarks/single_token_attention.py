@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import cpu_description, interleaved, rel_diff, report
+from .harness import cpu_description, cpu_label, interleaved, openvino_precision, rel_diff, report
 from .profile_openvino import _inputs
 
 FULL, SHORTCUT = "diffusers' attention", "single-token shortcut"  # the torch row's two sides
@@ -70,11 +70,11 @@ def _caller(request: Any, feeds: dict[str, np.ndarray]) -> Any:
 def _openvino_rows(before: Path, after: Path, repeats: int) -> dict[str, Any]:
     import openvino as ov
 
-    from composekit.backends.openvino_backend import default_precision, graph_path, read_graph
+    from composekit.backends.openvino_backend import graph_path, read_graph
     from composekit.formats.export_manifest import read_manifest
 
     core = ov.Core()
-    precision = default_precision(set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+    precision = openvino_precision(cpu_description())
     manifests = {"before": read_manifest(before), "after": read_manifest(after)}
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {"precision": precision,
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [(f"Machine: {m['model']} (class {m['class']}), {m['cores']} cores; {r['date']}; `{r['command']}`; "
+    lines = [(f"Machine: {m['model']} (class {cpu_label(m)}), {m['cores']} cores; {r['date']}; `{r['command']}`; "
               f"interleaved, median of {r['repeats']} after one warm-up, guided batch 2."), "",
              "| runtime | graph | full attention | single-token shortcut | speed-up | largest difference (relative) |",
              "|---|---|---|---|---|---|"]

@@ -81,6 +81,60 @@ def test_cpu_speed_benchmark_runs_every_row(tmp_path):
     assert "at 50 steps = fixed + 50 x slope, extrapolated" in text and text.startswith("CPU: ")
 
 
+ISA_CAP_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.mark.parametrize("value, expected", [("AVX2", "AVX2"), ("avx2_vnni", "AVX2"), ("AVX512_CORE", "AVX-512"),
+                                             ("AVX512_CORE_VNNI", "AVX-512"), ("AVX512_CORE_BF16", "AVX-512-BF16"),
+                                             ("AVX512_CORE_AMX", "AMX"), ("SSE41", "other"), ("ALL", None),
+                                             ("", None), ("SOMETHING_NEW", None)])
+def test_onednn_isa_caps_map_to_cpu_classes(value, expected):
+    from benchmarks.harness import _class_of_onednn_isa
+
+    assert _class_of_onednn_isa(value) == expected
+
+
+def test_a_run_under_an_isa_cap_is_labelled_an_emulation(monkeypatch):
+    from benchmarks.harness import CLASSES, ISA_CAPS, cpu_description, cpu_label
+
+    for var in ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    real = cpu_description()
+    assert "isa_cap" not in real and "hardware_class" not in real and cpu_label(real) == real["class"]
+    for var, value in ISA_CAP_ENV.items():
+        monkeypatch.setenv(var, value)
+    capped = cpu_description()
+    assert capped["isa_cap"] == ISA_CAP_ENV and capped["flags"] == real["flags"]  # the hardware's flags, unchanged
+    if CLASSES.index(real["class"]) > CLASSES.index("AVX2"):  # this CPU has more than AVX2: an emulation
+        assert capped["class"] == "AVX2" and capped["hardware_class"] == real["class"]
+        assert cpu_label(capped) == (f"AVX2 (emulated: a {real['class']} CPU capped by ONEDNN_MAX_CPU_ISA=AVX2, "
+                                     "ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
+    else:  # a cap at or above what the CPU has changes nothing but is still recorded
+        assert capped["class"] == real["class"] and "hardware_class" not in capped
+
+
+def test_cpu_speed_under_an_avx2_cap_runs_openvino_in_f32(tmp_path):
+    """On a CPU with BF16, OpenVINO still reports BF16 under ONEDNN_MAX_CPU_ISA=AVX2 and its bf16 U-Net then fails
+    to compile; the benchmark loads the OpenVINO rows in f32, the default of a CPU without BF16."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--size", "tiny", "--repeats", "1",
+                           "--steps", "2", "3", "--rows", "default: from_pretrained(export)", "openvino f32",
+                           "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **ISA_CAP_ENV})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    cpu, rows = results["machine"]["cpu"], results["rows"]
+    assert cpu["class"] in ("AVX2", "other") and cpu["isa_cap"] == ISA_CAP_ENV
+    assert rows["default: from_pretrained(export)"]["describe"].startswith("OpenVINO CPU, f32")
+    # the same f32 kernels as the explicit f32 row: the same image
+    assert rows["default: from_pretrained(export)"]["diff_vs_torch_fp32"] == rows["openvino f32"]["diff_vs_torch_fp32"]
+    if "hardware_class" in cpu:
+        assert f"emulated: a {cpu['hardware_class']} CPU" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_soak_checks_every_answer_and_records_memory(tmp_path):
     if not Path("/proc/self/status").exists():
         pytest.skip("the soak reads the server's memory from /proc (Linux)")
