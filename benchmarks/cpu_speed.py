@@ -36,8 +36,8 @@ import numpy as np
 
 from composekit import Compositor, __version__
 
-from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, cpu_label, diffusers_pipeline, openvino_precision, \
-    stage_times
+from .harness import (CPU_FLAGS, _inputs, _timeit, cpu_description, cpu_label, diffusers_pipeline,
+                      openvino_precision, stage_times)
 
 STEPS_TO = 50
 

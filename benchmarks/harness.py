@@ -104,7 +104,7 @@ def _class_of_onednn_isa(value: str) -> str | None:
         return None
     if "AMX" in isa:
         return "AMX"
-    if isa.startswith("AVX512_CORE_BF16") or isa.startswith("AVX512_CORE_FP16") or isa.startswith("AVX10"):
+    if isa.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10")):
         return "AVX-512-BF16"
     if isa.startswith("AVX512"):
         return "AVX-512"
