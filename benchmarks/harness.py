@@ -155,7 +155,7 @@ def cpu_label(cpu: dict[str, Any]) -> str:
     if "hardware_class" not in cpu:
         return cpu["class"]
     caps = ", ".join(f"{k}={v}" for k, v in cpu["isa_cap"].items())
-    return f"{cpu['class']} (emulated: a {cpu['hardware_class']} CPU capped by {caps})"
+    return f"{cpu['class']} (emulated on a CPU of class {cpu['hardware_class']}, capped by {caps})"
 
 
 def openvino_precision(cpu: dict[str, Any]) -> str:

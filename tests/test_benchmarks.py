@@ -107,8 +107,8 @@ def test_a_run_under_an_isa_cap_is_labelled_an_emulation(monkeypatch):
     assert capped["isa_cap"] == ISA_CAP_ENV and capped["flags"] == real["flags"]  # the hardware's flags, unchanged
     if CLASSES.index(real["class"]) > CLASSES.index("AVX2"):  # this CPU has more than AVX2: an emulation
         assert capped["class"] == "AVX2" and capped["hardware_class"] == real["class"]
-        assert cpu_label(capped) == (f"AVX2 (emulated: a {real['class']} CPU capped by ONEDNN_MAX_CPU_ISA=AVX2, "
-                                     "ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
+        assert cpu_label(capped) == (f"AVX2 (emulated on a CPU of class {real['class']}, capped by "
+                                     "ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)")
     else:  # a cap at or above what the CPU has changes nothing but is still recorded
         assert capped["class"] == real["class"] and "hardware_class" not in capped
 
@@ -132,7 +132,7 @@ def test_cpu_speed_under_an_avx2_cap_runs_openvino_in_f32(tmp_path):
     # the same f32 kernels as the explicit f32 row: the same image
     assert rows["default: from_pretrained(export)"]["diff_vs_torch_fp32"] == rows["openvino f32"]["diff_vs_torch_fp32"]
     if "hardware_class" in cpu:
-        assert f"emulated: a {cpu['hardware_class']} CPU" in (tmp_path / "out" / "results.md").read_text()
+        assert f"emulated on a CPU of class {cpu['hardware_class']}" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_soak_checks_every_answer_and_records_memory(tmp_path):
