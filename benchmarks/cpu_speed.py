@@ -15,6 +15,10 @@ decoder's). Each row's image at the larger step count is compared with composeki
 over the edited region (max and mean, 0..255). The tiny VAE is a random TAESD-shaped model: its
 speed is TAESD's, its images are not.
 
+To measure an older CPU class on a newer CPU, cap the math libraries' instructions (e.g. ``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``): the header then names the class as emulated, and the
+exports' OpenVINO rows load with ``precision="f32"``, the default of a CPU without BF16.
+
 Models (built once into ``--models``): ``pbe-full`` (random SD 1.x-sized Paint-by-Example),
 ``pbe-full-onnx`` (its export with the tiny decoder), ``pbe-full-onnx-fused`` and ``taesd-full``.
 """
