@@ -152,8 +152,8 @@ def diffusers_unet_step(model: Path, repeats: int) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu = cpu_description()
     flops = unet_flops(args.model)
-    # bf16 where OpenVINO reports it, as the OpenVINO backend decides (not from the CPU's flags); f32 under an ISA cap
-    precision = openvino_precision(cpu)
+    # bf16 where OpenVINO reports it, as the OpenVINO backend decides (not from the CPU's flags)
+    precision = openvino_precision()
     peaks = kernel_peaks(bf16=precision == "bf16")
     step = diffusers_unet_step(args.model, args.repeats)
     full = math.ceil(args.steps / args.cache_interval)  # a full pass on the first step and every N-th

@@ -17,7 +17,7 @@ speed is TAESD's, its images are not.
 
 To measure an older CPU class on a newer CPU, cap the math libraries' instructions (e.g. ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``): the header then names the class as emulated, and the
-exports' OpenVINO rows load with ``precision="f32"``, the default of a CPU without BF16.
+OpenVINO backend's default precision follows the cap (f32 below BF16).
 
 Models (built once into ``--models``): ``pbe-full`` (random SD 1.x-sized Paint-by-Example),
 ``pbe-full-onnx`` (its export with the tiny decoder), ``pbe-full-onnx-fused`` and ``taesd-full``.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import importlib.util
 import json
 import platform
 import sys
@@ -40,8 +39,7 @@ import numpy as np
 
 from composekit import Compositor, __version__
 
-from .harness import (CPU_FLAGS, _inputs, _timeit, cpu_description, cpu_label, diffusers_pipeline,
-                      openvino_precision, stage_times)
+from .harness import CPU_FLAGS, _inputs, _timeit, cpu_description, cpu_label, diffusers_pipeline, stage_times
 
 STEPS_TO = 50
 
@@ -137,16 +135,6 @@ def _cpu_has_bf16(cpu: dict[str, Any]) -> bool:
     return cpu["class"] in ("AMX", "AVX-512-BF16")
 
 
-def _load_options(cpu: dict[str, Any], where: str, load: dict[str, Any]) -> dict[str, Any]:
-    """A row's ``from_pretrained`` options; under an ISA cap below BF16 (an older CPU emulated), an export's
-    OpenVINO rows also get ``precision="f32"``: the default on a CPU without BF16, which OpenVINO would not pick
-    here (it reads the CPU's capabilities, not the cap, and its bf16 graphs then fail to compile)."""
-    if "hardware_class" not in cpu or where == "model" or "precision" in load \
-            or load.get("backend", "openvino") != "openvino" or importlib.util.find_spec("openvino") is None:
-        return load
-    return {**load, "precision": openvino_precision(cpu)}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -224,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # every other row's image is compared with it, at the same step count.
     for name in rows:
         where, load, options, stages = ROWS[name]
-        comp = Compositor.from_pretrained(paths[where], **_load_options(cpu, where, load))
+        comp = Compositor.from_pretrained(paths[where], **load)
         measure(name, comp, options, stages)
         if where == "model":  # the torch backend shares its modules with a tiny-VAE copy
             add_tiny_vae(name, _with_tiny_vae(comp, paths["taesd"]))

@@ -158,16 +158,15 @@ def cpu_label(cpu: dict[str, Any]) -> str:
     return f"{cpu['class']} (emulated on a CPU of class {cpu['hardware_class']}, capped by {caps})"
 
 
-def openvino_precision(cpu: dict[str, Any]) -> str:
-    """The precision the OpenVINO backend's default picks on ``cpu``: bf16 where OpenVINO reports it, else f32 —
-    and f32 under an ISA cap below BF16 (OpenVINO reads its capabilities from the CPU, not from the cap, and its
-    bf16 graphs then fail to compile)."""
+def openvino_precision() -> str:
+    """The precision the OpenVINO backend's default picks on this CPU: bf16 where OpenVINO reports it and no
+    ``ONEDNN_MAX_CPU_ISA`` cap keeps its kernels below it, else f32."""
     import openvino as ov
 
     from composekit.backends.openvino_backend import default_precision
 
-    precision = default_precision(set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
-    return "f32" if precision == "bf16" and cpu["class"] not in ("AMX", "AVX-512-BF16") else precision
+    return default_precision(set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+                             os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def report(result: dict[str, Any], text: str, out: str | None) -> None:

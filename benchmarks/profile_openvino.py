@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     specs = manifest.specs()
     core = ov.Core()
     cpu = cpu_description()
-    precision = openvino_precision(cpu)
+    precision = openvino_precision()
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {}
     for name, batch in GRAPHS.items():

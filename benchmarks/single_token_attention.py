@@ -74,7 +74,7 @@ def _openvino_rows(before: Path, after: Path, repeats: int) -> dict[str, Any]:
     from composekit.formats.export_manifest import read_manifest
 
     core = ov.Core()
-    precision = openvino_precision(cpu_description())
+    precision = openvino_precision()
     manifests = {"before": read_manifest(before), "after": read_manifest(after)}
     rng = np.random.default_rng(0)
     rows: dict[str, Any] = {"precision": precision,

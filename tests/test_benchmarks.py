@@ -114,8 +114,8 @@ def test_a_run_under_an_isa_cap_is_labelled_an_emulation(monkeypatch):
 
 
 def test_cpu_speed_under_an_avx2_cap_runs_openvino_in_f32(tmp_path):
-    """On a CPU with BF16, OpenVINO still reports BF16 under ONEDNN_MAX_CPU_ISA=AVX2 and its bf16 U-Net then fails
-    to compile; the benchmark loads the OpenVINO rows in f32, the default of a CPU without BF16."""
+    """The benchmark under ONEDNN_MAX_CPU_ISA=AVX2: its header says so, and the OpenVINO backend's default precision
+    follows the cap (f32; on a CPU with BF16 OpenVINO still reports BF16 and a bf16 graph would fail to compile)."""
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
     import os

@@ -116,6 +116,29 @@ def test_options_and_devices_are_checked(exported, tmp_path):
         Compositor.from_pretrained(dst, device="cuda")
 
 
+@pytest.mark.parametrize("cap, allows", [(None, True), ("", True), ("ALL", True), ("avx2", False), ("AVX2_VNNI", False),
+                                         ("AVX512_CORE", False), ("AVX512_CORE_VNNI", False), ("AVX512_CORE_BF16", True),
+                                         ("AVX512_CORE_AMX", True), ("AVX10_1_512", True), ("SSE41", False)])
+def test_onednn_isa_cap_decides_whether_bf16_is_the_default(cap, allows):
+    from composekit.backends.openvino_backend import default_precision, isa_cap_allows_bf16
+
+    assert isa_cap_allows_bf16(cap) is allows
+    assert default_precision({"FP32", "BF16", "INT8"}, cap) == ("bf16" if allows else "f32")
+    assert default_precision({"FP32", "INT8"}, cap) == "f32"  # a CPU without BF16: f32 whatever the cap
+
+
+def test_under_an_avx2_cap_the_default_is_f32_and_bf16_is_refused(exported, monkeypatch):
+    """OpenVINO reports BF16 from the CPU even when ONEDNN_MAX_CPU_ISA keeps its kernels below it; a bf16 graph then
+    fails to compile (seen on an AVX-512-BF16 CPU: 'Supported primitive descriptors list is empty ... Softmax')."""
+    _, dst = exported["paint_by_example"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    comp = Compositor.from_pretrained(dst, backend="openvino", cache_dir=False)
+    assert comp.backend.describe().startswith("OpenVINO CPU, f32")
+    reason = "ONEDNN_MAX_CPU_ISA=AVX2 keeps" if _bf16() else "not supported"
+    with pytest.raises(BackendUnavailableError, match=f"bf16.*{reason}.*precision='f32'"):
+        Compositor.from_pretrained(dst, backend="openvino", precision="bf16", cache_dir=False)
+
+
 def test_compiled_model_cache_and_threads(exported, tmp_path):
     _, dst = exported["objectstitch"]
     bg, obj = gradient_background(120, 90), noise_object()

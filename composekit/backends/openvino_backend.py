@@ -13,7 +13,8 @@ How it runs:
    (``paste_batch``) are compiled the first time they are needed.
 2. Precision: ``precision="bf16"`` computes in bfloat16 on CPUs that have it (AVX-512 BF16 / AMX),
    ``"f32"`` in float32, ``"f16"`` in float16 where the device reports it; the default is bf16 where
-   the CPU supports it, else f32. The sampler's arithmetic stays in float32 either way.
+   the CPU supports it (and ``ONEDNN_MAX_CPU_ISA``, if set, does not cap OpenVINO's kernels below it),
+   else f32. The sampler's arithmetic stays in float32 either way.
 3. Compiled models are cached in ``cache_dir`` (default: composekit's folder in the user cache,
    ``~/.cache/composekit/openvino``; ``cache_dir=False`` turns it off), so a second load of the
    same export skips compilation.
@@ -42,7 +43,8 @@ from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.formats.export_manifest import ExportManifest
 
-__all__ = ["OpenVINOBackend", "load", "default_cache_dir", "default_precision", "graph_path", "read_graph"]
+__all__ = ["OpenVINOBackend", "load", "default_cache_dir", "default_precision", "graph_path", "isa_cap_allows_bf16",
+           "read_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,18 @@ def read_graph(core: Any, manifest: ExportManifest, name: str, path: Path) -> An
     return core.read_model(str(path), str(weights) if weights else "")
 
 
-def default_precision(capabilities: set[str]) -> str:
-    """bf16 where the device reports it, else f32."""
-    return "bf16" if "BF16" in capabilities else "f32"
+def isa_cap_allows_bf16(cap: str | None) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (``cap``; None or empty: not set) lets OpenVINO's CPU kernels use bfloat16.
+    OpenVINO reports BF16 from the CPU itself even when the cap keeps its kernels below it (AVX2, AVX512_CORE...),
+    and its bf16 graphs then fail to compile; names this function does not know count as no bf16 (f32 runs)."""
+    isa = (cap or "").strip().upper()
+    return isa in ("", "ALL", "DEFAULT") or "AMX" in isa or \
+        isa.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10"))
+
+
+def default_precision(capabilities: set[str], isa_cap: str | None = None) -> str:
+    """bf16 where the device reports it (and ``isa_cap``, the CPU's ``ONEDNN_MAX_CPU_ISA``, allows it), else f32."""
+    return "bf16" if "BF16" in capabilities and isa_cap_allows_bf16(isa_cap) else "f32"
 
 
 class OpenVINOBackend(GraphBackend):
@@ -189,14 +200,19 @@ def load(content: ExportManifest, *, device: Any = None, dtype: Any = None, prec
     core = ov.Core()
     name = _device(core, device)
     capabilities = set(core.get_property(name, "OPTIMIZATION_CAPABILITIES"))
+    isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if name == "CPU" else None  # caps the CPU's kernels only
     if precision is None:
-        precision = default_precision(capabilities)
-        logger.info("precision=None: OpenVINO computes in %s on %s", precision, name)
+        precision = default_precision(capabilities, isa_cap)
+        logger.info("precision=None: OpenVINO computes in %s on %s%s", precision, name,
+                    f" (ONEDNN_MAX_CPU_ISA={isa_cap})" if isa_cap else "")
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if _CAPABILITY[precision] not in capabilities:
         raise BackendUnavailableError(f"precision {precision!r} is not supported by OpenVINO's {name} here "
                                       f"(it reports {sorted(capabilities)}); use precision='f32'")
+    if precision == "bf16" and not isa_cap_allows_bf16(isa_cap):
+        raise BackendUnavailableError(f"precision 'bf16' cannot run on the CPU here: ONEDNN_MAX_CPU_ISA={isa_cap} keeps "
+                                      "OpenVINO's kernels below bfloat16; unset it or use precision='f32'")
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if THREADS.check(threads) is not None:
         config["INFERENCE_NUM_THREADS"] = threads
