@@ -98,13 +98,17 @@ ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTION
 
 
 def _class_of_onednn_isa(value: str) -> str | None:
-    """The class a ``ONEDNN_MAX_CPU_ISA`` value allows (None: no cap, or one this harness does not know)."""
+    """The class a ``ONEDNN_MAX_CPU_ISA`` value allows (None: no cap, or one this harness does not know). Whether
+    it allows bfloat16 is the OpenVINO backend's decision (:func:`isa_cap_allows_bf16`), so a run labelled BF16 is
+    one the backend computes in bf16."""
+    from composekit.backends.openvino_backend import isa_cap_allows_bf16
+
     isa = value.strip().upper()
     if isa in ("", "ALL", "DEFAULT"):
         return None
     if "AMX" in isa:
         return "AMX"
-    if isa.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10")):
+    if isa_cap_allows_bf16(isa):
         return "AVX-512-BF16"
     if isa.startswith("AVX512"):
         return "AVX-512"
