@@ -72,10 +72,14 @@ def _rss(pid: int) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="composekit-soak-") as scratch:  # the tiny model, removed afterwards
+        return _run(args, Path(scratch))
+
+
+def _run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from composekit import Compositor
     from composekit.apps.random_models import make_random_model
 
-    scratch = Path(tempfile.mkdtemp(prefix="composekit-soak-"))
     model = Path(args.model) if args.model else make_random_model(scratch / "tiny", "tiny", seed=0)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:90, 0:120]

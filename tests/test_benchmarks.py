@@ -4,6 +4,7 @@ speed goals live in the benchmark reports, never in unit tests)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,9 +140,13 @@ def test_soak_checks_every_answer_and_records_memory(tmp_path):
     if not Path("/proc/self/status").exists():
         pytest.skip("the soak reads the server's memory from /proc (Linux)")
     pytest.importorskip("fastapi")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--requests", "45", "--clients", "4",
-                           "--out", str(tmp_path / "soak")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           "--out", str(tmp_path / "soak")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("composekit-soak-")], "the soak left its model"
     result = json.loads((tmp_path / "soak.json").read_text())
     # 45 requests = 3 rounds of the mix: 8 good composites and 7 bad requests, each answered as it must be.
     assert result["mismatches"] == 0 and result["healthy_after"]

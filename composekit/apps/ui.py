@@ -8,13 +8,18 @@ options and seed. Errors are shown as composekit's typed messages, never as a tr
 
 Uploads are taken as files (their bytes as sent, not re-encoded by the browser widget), so a composite
 made here equals the Python API's bit for bit. Binds 127.0.0.1 unless told otherwise; ``auth`` (user,
-password) puts Gradio's login in front. Needs the ``ui`` extra (Gradio).
+password) puts Gradio's login in front. Needs the ``ui`` extra (Gradio). The composites and the demo's
+example files live in one temporary folder that is removed when the app stops (Ctrl-C or SIGTERM).
 """
 
 # No `from __future__ import annotations`: Gradio reads the event handlers' annotations (gr.SelectData).
 import logging
 import os
+import shutil
+import signal
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +77,10 @@ def _outlined(image: Any, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def build_app(compositor: Any, examples: list[list[str]] | None = None) -> Any:
-    """The Gradio Blocks app for ``compositor`` (a model, or none: the classic method)."""
+def build_app(compositor: Any, examples: list[list[str]] | None = None, out_dir: Path | None = None) -> Any:
+    """The Gradio Blocks app for ``compositor`` (a model, or none: the classic method).
+
+    Composites are written to ``out_dir``; without one, to a temporary folder removed with the app."""
     gr = _gradio()
     from composekit.core.geometry import parse_box
     from composekit.formats.atomic import save_image_atomic
@@ -81,7 +88,8 @@ def build_app(compositor: Any, examples: list[list[str]] | None = None) -> Any:
 
     method = "generative" if compositor.backend is not None else "classic"
     specs = {name: spec for name, spec in PasteOptions.specs().items() if spec.cli and method in spec.methods}
-    out_dir = Path(tempfile.mkdtemp(prefix="composekit-ui-"))
+    own_dir = out_dir is None
+    out_dir = Path(tempfile.mkdtemp(prefix="composekit-ui-")) if out_dir is None else Path(out_dir)
     what = f"model {compositor.backend.info.source}" if compositor.backend is not None else \
         "no model: the weights-free classic method"
 
@@ -154,11 +162,13 @@ def build_app(compositor: Any, examples: list[list[str]] | None = None) -> Any:
         bg_file.change(show_background, bg_file, [bg_view, clicks, box])
         bg_view.select(clicked, clicks, [clicks, box])
         run_button.click(composite, [obj_file, bg_file, box, seed, *controls.values()], [preview, status, download])
+    if own_dir:  # removed when the app is collected, or at the latest when the interpreter exits
+        weakref.finalize(app, shutil.rmtree, out_dir, ignore_errors=True)
     return app
 
 
-def demo_examples() -> list[list[str]]:
-    """The demo's photographs (object, background, box) as files, when scikit-image is installed."""
+def demo_examples(folder: Path) -> list[list[str]]:
+    """The demo's photographs (object, background, box) as files in ``folder``, when scikit-image is installed."""
     try:
         from composekit.apps.demo import DEMO_BOX, demo_images
     except ImportError:
@@ -167,7 +177,7 @@ def demo_examples() -> list[list[str]]:
         background, obj, _ = demo_images()
     except (ImportError, ComposekitError):
         return []
-    folder = Path(tempfile.mkdtemp(prefix="composekit-ui-examples-"))
+    folder.mkdir(parents=True, exist_ok=True)
     background.save(folder / "background.png")
     obj.save(folder / "object.png")
     return [[str(folder / "object.png"), str(folder / "background.png"), ",".join(map(str, DEMO_BOX))]]
@@ -175,14 +185,26 @@ def demo_examples() -> list[list[str]]:
 
 def run(compositor: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
         on_ready: Any = None) -> None:
-    """Serve the app until interrupted."""
-    app = build_app(compositor, demo_examples())
-    app.queue(default_concurrency_limit=1)  # one composite at a time: the model is shared
-    app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True, quiet=True,
-               show_error=False)
-    if on_ready is not None:
-        on_ready(app.server_port)
-    try:
-        app.block_thread()
-    finally:
-        app.close()
+    """Serve the app until interrupted (Ctrl-C, or SIGTERM as sent by ``kill``, systemd or ``docker stop``); the
+    temporary folder of its composites and examples is removed either way."""
+    with tempfile.TemporaryDirectory(prefix="composekit-ui-") as scratch:
+        app = build_app(compositor, demo_examples(Path(scratch) / "examples"), out_dir=Path(scratch) / "out")
+        (Path(scratch) / "out").mkdir()
+        app.queue(default_concurrency_limit=1)  # one composite at a time: the model is shared
+        app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True, quiet=True,
+                   show_error=False)
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM stops the app as Ctrl-C does
+
+            def interrupt(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            if on_ready is not None:
+                on_ready(app.server_port)
+            app.block_thread()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            app.close()
