@@ -155,6 +155,51 @@ def test_compiled_model_cache_and_threads(exported, tmp_path):
                                   images[0])
 
 
+def _cache_cli(*args, env=None):
+    import json
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "composekit", "cache", "--json", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return proc.returncode, (json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr)
+
+
+def test_composekit_cache_shows_and_clears_the_compiled_models(exported, tmp_path):
+    _, dst = exported["paint_by_example"]
+    folder = tmp_path / "openvino"  # where the default folder is under COMPOSEKIT_CACHE=tmp_path
+    bg, obj = gradient_background(120, 90), noise_object()
+    first = Compositor.from_pretrained(dst, backend="openvino", precision="f32", cache_dir=folder)
+    expected = np.asarray(first.paste(obj, bg, BOX, steps=2, seed=5, progress=False).image)
+    blobs = list((folder / "cpu-f32").glob("*.blob"))
+    (folder / "notes.txt").write_text("a file of the user's: not the cache's")
+    (folder / "cpu-f32" / "keep.json").write_text("{}")
+    code, shown = _cache_cli(env={"COMPOSEKIT_CACHE": str(tmp_path)})  # the default folder follows the variable
+    assert code == 0 and shown["folder"] == str(folder)
+    assert shown["files"] == len(blobs) > 0 and shown["bytes"] == sum(b.stat().st_size for b in blobs)
+    assert shown["folders"]["cpu-f32"]["files"] == len(blobs)
+    code, cleared = _cache_cli("--clear", "--dir", folder)
+    assert code == 0 and cleared["removed_files"] == len(blobs) and cleared["freed_bytes"] == shown["bytes"]
+    assert not list(folder.rglob("*.blob"))
+    assert (folder / "notes.txt").exists() and (folder / "cpu-f32" / "keep.json").exists()  # only blobs go
+    assert _cache_cli("--dir", folder)[1]["files"] == 0
+    # the loaded model keeps running; a new load compiles and caches again, with the same result
+    np.testing.assert_array_equal(np.asarray(first.paste(obj, bg, BOX, steps=2, seed=5, progress=False).image),
+                                  expected)
+    again = Compositor.from_pretrained(dst, backend="openvino", precision="f32", cache_dir=folder)
+    np.testing.assert_array_equal(np.asarray(again.paste(obj, bg, BOX, steps=2, seed=5, progress=False).image),
+                                  expected)
+    assert len(list((folder / "cpu-f32").glob("*.blob"))) == len(blobs)
+
+
+def test_composekit_cache_on_a_missing_folder_and_on_a_file(tmp_path):
+    code, shown = _cache_cli("--dir", tmp_path / "never")
+    assert code == 0 and shown == {"folder": str(tmp_path / "never"), "files": 0, "bytes": 0, "folders": {}}
+    (tmp_path / "f").write_text("x")
+    code, err = _cache_cli("--clear", "--dir", tmp_path / "f")
+    assert code != 0 and "is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_one_backend_serves_several_threads(exported):
     _, dst = exported["paint_by_example"]
     comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32")

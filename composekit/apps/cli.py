@@ -387,6 +387,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from composekit.backends.openvino_backend import cache_usage, clear_cache
+
+    folder, usage = cache_usage(args.dir)
+    files, total = sum(n for n, _ in usage.values()), sum(b for _, b in usage.values())
+    if args.clear:
+        removed, freed = clear_cache(args.dir)
+        if args.json:
+            print(json.dumps({"folder": str(folder), "removed_files": removed, "freed_bytes": freed}))
+        else:
+            print(f"removed {removed} compiled model(s), {_size(freed)}, from {folder}")
+        return EXIT_OK
+    if args.json:
+        print(json.dumps({"folder": str(folder), "files": files, "bytes": total,
+                          "folders": {k: {"files": n, "bytes": b} for k, (n, b) in usage.items()}}))
+        return EXIT_OK
+    print(f"OpenVINO compiled-model cache: {folder}" + ("" if folder.is_dir() else " (not created yet)"))
+    for name, (n, b) in usage.items():
+        print(f"  {name:<12} {n:>4} compiled model(s)  {_size(b):>9}")
+    print(f"  {'total':<12} {files:>4} compiled model(s)  {_size(total):>9}")
+    if files:
+        print("`composekit cache --clear` removes them (the next load of an export compiles it again)")
+    return EXIT_OK
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     info: dict[str, object] = {"composekit": __version__, "python": sys.version.split()[0],
                                "platform": platform.platform()}
@@ -624,6 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help="require Gradio's login (or set COMPOSEKIT_UI_AUTH); use it when --host is not loopback")
     u.set_defaults(func=_cmd_ui)
+
+    c = sub.add_parser("cache", help="show (or --clear) the OpenVINO compiled-model cache",
+                       description="The OpenVINO backend caches each compiled graph (~8 GB for a full-size export at "
+                       "batch 1 and 2) so a second load skips compilation. OpenVINO never removes entries: a new "
+                       "export, precision or OpenVINO version adds more. This shows the folder's size per device "
+                       "and precision; --clear removes the compiled models (only OpenVINO's *.blob files).")
+    c.add_argument("--dir", default=None, help="the cache folder (default: $COMPOSEKIT_CACHE/openvino or "
+                   "~/.cache/composekit/openvino, as the backend uses)")
+    c.add_argument("--clear", action="store_true", help="remove the cached compiled models")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_cache)
 
     e = sub.add_parser("env", help="print versions, devices and providers (for bug reports)")
     e.add_argument("--json", action="store_true")

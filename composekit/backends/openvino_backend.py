@@ -43,8 +43,8 @@ from composekit.core.specs import COMPONENT_NAMES
 from composekit.errors import BackendUnavailableError, InputError, ModelError, install_hint
 from composekit.formats.export_manifest import ExportManifest
 
-__all__ = ["OpenVINOBackend", "load", "default_cache_dir", "default_precision", "graph_path", "isa_cap_allows_bf16",
-           "read_graph"]
+__all__ = ["OpenVINOBackend", "load", "cache_usage", "clear_cache", "default_cache_dir", "default_precision",
+           "graph_path", "isa_cap_allows_bf16", "read_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,45 @@ def default_cache_dir() -> Path:
     base = os.environ.get("COMPOSEKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
         "composekit"
     return Path(base) / "openvino"
+
+
+def _cache_blobs(cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, list[Path]]]:
+    """The cache folder and, per device-precision subfolder (``cpu-bf16``...), the compiled models OpenVINO wrote
+    there (``*.blob``); nothing else in the folder counts as the cache's."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the OpenVINO cache folder {folder} is a file, not a folder; pass the folder given as "
+                         "cache_dir (default: COMPOSEKIT_CACHE/openvino or ~/.cache/composekit/openvino)")
+    if not folder.is_dir():
+        return folder, {}
+    return folder, {sub.name: sorted(p for p in sub.glob("*.blob") if p.is_file())
+                    for sub in sorted(folder.iterdir()) if sub.is_dir()}
+
+
+def cache_usage(cache_dir: str | os.PathLike | None = None) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """The compiled-model cache folder (``cache_dir``, default :func:`default_cache_dir`) and, per
+    device-precision subfolder, (compiled models, bytes). OpenVINO never removes entries itself: a model
+    compiled again after a new export, another precision or another OpenVINO version adds entries beside the
+    old ones, so the folder only grows."""
+    folder, blobs = _cache_blobs(cache_dir)
+    return folder, {name: (len(files), sum(f.stat().st_size for f in files)) for name, files in blobs.items()}
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Remove the compiled models cached in ``cache_dir`` (default :func:`default_cache_dir`): OpenVINO's
+    ``*.blob`` files in its device-precision subfolders, nothing else. Returns (files, bytes) removed. Safe
+    while a process runs from the cache: a loaded model does not read its entry again, and the next load
+    compiles and caches it anew."""
+    removed = freed = 0
+    for files in _cache_blobs(cache_dir)[1].values():
+        for f in files:
+            try:
+                size = f.stat().st_size
+                f.unlink()
+            except FileNotFoundError:  # removed meanwhile (another clear)
+                continue
+            removed, freed = removed + 1, freed + size
+    return removed, freed
 
 
 def _io(ports: Any) -> list[tuple[str, str, list]]:
