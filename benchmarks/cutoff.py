@@ -17,11 +17,14 @@ be judged, and a difference of N/255 says nothing about whether a trained model'
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import sys
 import time
 
 import numpy as np
 
+from benchmarks.harness import cpu_description, cpu_label
 from composekit import Compositor
 
 
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     rows = []
     print(f"{comp!r}")
+    machine = cpu_description() if args.device == "cpu" else None
+    if machine is not None:
+        print(f"CPU: {machine.get('model')}, {cpu_label(machine)}")
     print("| steps | guidance_end | decode | U-Net passes | end to end | decode stage | max abs diff vs reference "
           "(0..255) | mean abs diff |")
     print("|---|---|---|---|---|---|---|---|")
@@ -79,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['max_diff']} | {row['mean_diff']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "backend": comp.backend.describe(), "rows": rows}, f, indent=2)
+            json.dump({"command": "python -m benchmarks.cutoff " + " ".join(sys.argv[1:]),
+                       "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "machine": machine, "model": args.model, "backend": comp.backend.describe(), "rows": rows},
+                      f, indent=2)
     return 0
 
 

@@ -310,7 +310,7 @@ class Compositor:
             if options.decode == "region" and not self.backend.info.any_size_decode:
                 raise InputError(f"decode='region' needs a decoder that takes any latent size; the "
                                  f"{self.backend.name} backend's exported decoder has a fixed size. Use "
-                                 "decode='window' or backend='torch'")
+                                 "decode='window', or backend='openvino' or 'torch'")
             if options.cache_interval > 1 and not self.backend.info.feature_cache:
                 raise InputError(f"cache_interval={options.cache_interval}"
                                  f"{' (set by speed=' + repr(options.speed) + ')' if options.speed != 'default' else ''}"

@@ -241,3 +241,18 @@ def test_single_token_benchmark_compares_torch_and_two_exports(tiny_model_dir, e
         assert ov[name]["speedup"] == pytest.approx(ov[name]["median_s"]["before"] / ov[name]["median_s"]["after"])
     text = out.with_suffix(".md").read_text()
     assert "| torch float32 | U-Net" in text and "| OpenVINO" in text
+
+
+def test_cutoff_runs_an_export_and_records_the_machine(exported, tmp_path):
+    pytest.importorskip("openvino")
+    from benchmarks import cutoff
+
+    _, dst = exported["paint_by_example"]
+    out = tmp_path / "cutoff.json"
+    assert cutoff.main(["--model", str(dst), "--reference", "2", "--configs", "1:1.0", "2:1.0:region",
+                        "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"].startswith("OpenVINO CPU") and result["machine"]["class"]
+    rows = {(r["steps"], r["decode"]): r for r in result["rows"]}
+    assert rows[(2, "window")]["max_diff"] == 0 and rows[(2, "window")]["unet_passes"] == 4
+    assert rows[(1, "window")]["unet_passes"] == 2 and rows[(2, "region")]["decode_seconds"] > 0

@@ -194,7 +194,7 @@ def test_io_binding_gives_the_same_result_as_plain_runs(exported, family):
     np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
     with pytest.raises(InputError, match="io_binding"):
         Compositor.from_pretrained(dst, backend="onnxruntime", device="cpu", io_binding="yes")
-    with pytest.raises(InputError, match="fixed size"):  # exported decoders cannot decode a crop
+    with pytest.raises(InputError, match="fixed size"):  # ONNX Runtime's exported decoder cannot decode a crop
         bound.paste(obj, bg, BOX, steps=1, progress=False, decode="region")
     # the default backend is "auto": an export directory needs no backend argument (OpenVINO when installed)
     import importlib.util

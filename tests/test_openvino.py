@@ -155,6 +155,39 @@ def test_compiled_model_cache_and_threads(exported, tmp_path):
                                   images[0])
 
 
+def test_region_decode_matches_torch_and_keeps_the_cache_and_memory_bounded(exported, tmp_path, monkeypatch):
+    from composekit.core import sampler
+
+    monkeypatch.setattr(sampler, "REGION_MARGIN", 1)  # the tiny model's 8x8 latent: leave cells outside
+    src, dst = exported["paint_by_example"]
+    torch_comp = Compositor.from_pretrained(src, device="cpu")
+    comp = Compositor.from_pretrained(dst, backend="openvino", precision="f32", cache_dir=tmp_path / "c")
+    assert comp.backend.info.any_size_decode
+    blobs = sorted((tmp_path / "c" / "cpu-f32").glob("*.blob"))
+    bg, obj = gradient_background(300, 220), noise_object()
+    box = (30, 20, 110, 90)  # a quarter of the 2x context window: the region is smaller than the window
+    kw = dict(steps=3, seed=4, progress=False)
+    window = comp.paste(obj, bg, box, **kw)
+    region = comp.paste(obj, bg, box, decode="region", **kw)
+    reference = torch_comp.paste(obj, bg, box, decode="region", **kw)
+    assert [k[2:] for k in comp.backend._regions] and all(k[2:] != (8, 8) for k in comp.backend._regions)
+    diff = np.abs(np.asarray(region.image, np.int16) - np.asarray(reference.image, np.int16)).max()
+    assert diff <= IMAGE_BOUND["f32"], diff  # the same crop decoded by torch
+    assert (np.asarray(region.image) != np.asarray(window.image)).any()  # a crop, not the window
+    np.testing.assert_array_equal(np.asarray(region.image)[~region.mask], np.asarray(bg)[~region.mask])
+    # region sizes are compiled without the on-disk cache (it would grow with every box size), the last few kept
+    assert sorted((tmp_path / "c" / "cpu-f32").glob("*.blob")) == blobs
+    from composekit.backends.openvino_backend import OpenVINOBackend
+
+    monkeypatch.setattr(OpenVINOBackend, "region_decoders", 2)
+    seen = set(comp.backend._regions)
+    for b in [(10, 10, 60, 30), (10, 10, 30, 60), (100, 60, 200, 160)]:  # wide, tall, square holes
+        comp.paste(obj, bg, b, decode="region", **kw)
+        seen |= set(comp.backend._regions)
+        assert len(comp.backend._regions) <= 2
+    assert len(seen) >= 3
+
+
 def _cache_cli(*args, env=None):
     import json
     import os

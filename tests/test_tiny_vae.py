@@ -96,6 +96,16 @@ def test_exported_tiny_decoder(tiny_model_dir, taesd, tmp_path, backend):
     tiny_cached = exported.paste(obj, bg, BOX, steps=3, seed=2, progress=False, cache_interval=3)
     np.testing.assert_array_equal(np.asarray(fast.image), np.asarray(tiny_cached.image))
     assert np.abs(np.asarray(fast.image, np.int16) - np.asarray(c.image, np.int16)).max() > 2  # not the VAE's
+    if backend == "openvino":  # decode="region" with the tiny decoder: the crop decoded as torch decodes it
+        from composekit.core import sampler
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sampler, "REGION_MARGIN", 1)  # the tiny model's 8x8 latent: leave cells outside
+            big = gradient_background(300, 220)
+            crop_ov = exported.paste(obj, big, (30, 20, 110, 90), steps=3, seed=2, progress=False, decode="region")
+            crop_pt = torch_tiny.paste(obj, big, (30, 20, 110, 90), steps=3, seed=2, progress=False, decode="region")
+        assert any(k[0] == "tiny_vae_decoder" for k in exported.backend._regions)
+        assert np.abs(np.asarray(crop_ov.image, np.int16) - np.asarray(crop_pt.image, np.int16)).max() <= 2
     with pytest.raises(InputError, match="vae='tiny'"):
         Compositor.from_pretrained(tmp_path / "e", backend=backend, device="cpu", vae=str(taesd), **extra)
     export_onnx(tiny_model_dir, tmp_path / "plain")

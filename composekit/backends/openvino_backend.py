@@ -19,6 +19,9 @@ How it runs:
    ``~/.cache/composekit/openvino``; ``cache_dir=False`` turns it off), so a second load of the
    same export skips compilation.
 4. Each thread gets its own infer request per compiled model, so one backend serves concurrent callers.
+5. ``decode="region"``: the decoders are compiled again for a region's latent size when one is asked for
+   (well under a second for the full-size VAE decoder; the last few sizes are kept, none is written to the
+   compiled-model cache, so the cache does not grow with every box size).
 
 Devices: ``"cpu"`` (default), and ``"gpu"``/``"gpu.N"``/``"npu"`` where OpenVINO reports an Intel GPU
 or NPU. CUDA devices are not OpenVINO's: use ``backend="onnxruntime"``/``"tensorrt"`` there.
@@ -30,6 +33,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +144,7 @@ def default_precision(capabilities: set[str], isa_cap: str | None = None) -> str
 
 class OpenVINOBackend(GraphBackend):
     name = "openvino"
+    region_decoders = 4  # decoders compiled for region sizes (decode="region") kept, least recently used out
 
     def __init__(self, manifest: ExportManifest, core: Any, device: str, config: dict[str, Any],
                  components: tuple[str, ...] = COMPONENT_NAMES) -> None:
@@ -147,7 +153,11 @@ class OpenVINOBackend(GraphBackend):
         self.models = self._open_export(manifest, components, lambda name, path: read_graph(core, manifest, name, path),
                                         lambda model: (_io(model.inputs), _io(model.outputs)), "OpenVINO",
                                         path_of=lambda name: graph_path(manifest, name))
+        # OpenVINO reshapes the decoders to any latent size: decode="region" decodes the hole's cells only
+        self.card = replace(self.card, info=replace(self.card.info, any_size_decode=True))
+        self.info = self.card.info
         self.compiled: dict[tuple[str, int], Any] = {}
+        self._regions: OrderedDict[tuple[str, int, int, int], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._local = threading.local()
         unets = ("unet", "unet_shallow") if "unet_shallow" in self.models else ("unet",)
@@ -179,6 +189,38 @@ class OpenVINOBackend(GraphBackend):
                                      f"{exc}") from exc
                 logger.info("compiled %s for batch %d on %s", name, batch, self.device)
             return self.compiled[key]
+
+    def decode(self, latents: Any, tiny: bool = False) -> Any:
+        side = self.info.model_size // self.info.vae_scale_factor
+        if tuple(latents.shape[2:]) == (side, side):
+            return super().decode(latents, tiny)
+        name = self.fast_decoder if tiny else self.decoder
+        request = self._region_compiled(name, *latents.shape[:1], *latents.shape[2:]).create_infer_request()
+        request.infer({"latent": np.ascontiguousarray(latents, dtype=self.float)})
+        return np.array(request.get_tensor(self.specs[name].output_names[0]).data, dtype=np.float32)
+
+    def _region_compiled(self, name: str, batch: int, height: int, width: int) -> Any:
+        """Decoder ``name`` compiled for latents of ``height`` x ``width`` cells (``decode="region"``): compiled
+        on first use without the on-disk cache, the last :attr:`region_decoders` sizes kept."""
+        key = (name, batch, height, width)
+        with self._lock:
+            if key in self._regions:
+                self._regions.move_to_end(key)
+                return self._regions[key]
+            model = self.models[name].clone()
+            model.reshape({"latent": [batch, self.info.latent_channels, height, width]})
+            config = {k: v for k, v in self.config.items() if k != "CACHE_DIR"}
+            try:
+                compiled = self.core.compile_model(model, self.device, config)
+            except Exception as exc:
+                raise ModelError(f"OpenVINO could not compile the {name} for a {height} x {width}-cell region "
+                                 f"({exc}); use decode='window'") from exc
+            logger.info("compiled %s for %d x %d latent cells (decode='region') on %s", name, height, width,
+                        self.device)
+            self._regions[key] = compiled
+            while len(self._regions) > self.region_decoders:
+                self._regions.popitem(last=False)
+            return compiled
 
     def _dim(self, d: Any) -> int:
         if isinstance(d, int):

@@ -264,7 +264,7 @@ class PasteOptions(Declared):
                         "--tiny-vae), and the export's int8 U-Net when it was made with --int8", choices=("default", "fast"),
                         methods=GEN)
     decode: str = option("window", "decode the whole context window, or only the edited region's cells plus a "
-                         "64-pixel margin (needs a decoder that takes any size: torch)", choices=("window", "region"),
+                         "64-pixel margin (needs a decoder that takes any size: torch, OpenVINO)", choices=("window", "region"),
                          methods=GEN)
     context: float = option(2.0, "side of the square context window the model sees, in multiples of the box's "
                             "longer side", lo=1.0, hi=MAX_CONTEXT, methods=GEN)
