@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['max_diff']} | {row['mean_diff']:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": "python -m benchmarks.cutoff " + " ".join(sys.argv[1:]),
+            json.dump({"command": "python -m benchmarks.cutoff " + " ".join(sys.argv[1:] if argv is None else argv),
                        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                        "machine": machine, "model": args.model, "backend": comp.backend.describe(), "rows": rows},
                       f, indent=2)

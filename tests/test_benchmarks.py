@@ -253,6 +253,8 @@ def test_cutoff_runs_an_export_and_records_the_machine(exported, tmp_path):
                         "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["backend"].startswith("OpenVINO CPU") and result["machine"]["class"]
+    assert result["command"] == f"python -m benchmarks.cutoff --model {dst} --reference 2 --configs 1:1.0 " \
+        f"2:1.0:region --json {out}"
     rows = {(r["steps"], r["decode"]): r for r in result["rows"]}
     assert rows[(2, "window")]["max_diff"] == 0 and rows[(2, "window")]["unet_passes"] == 4
     assert rows[(1, "window")]["unet_passes"] == 2 and rows[(2, "region")]["decode_seconds"] > 0

@@ -395,7 +395,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from composekit.backends.openvino_backend import cache_usage, clear_cache
 
     folder, usage = cache_usage(args.dir)
-    files, total = sum(n for n, _ in usage.values()), sum(b for _, b in usage.values())
     if args.clear:
         removed, freed = clear_cache(args.dir)
         if args.json:
@@ -403,6 +402,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         else:
             print(f"removed {removed} compiled model(s), {_size(freed)}, from {folder}")
         return EXIT_OK
+    files, total = sum(n for n, _ in usage.values()), sum(b for _, b in usage.values())
     if args.json:
         print(json.dumps({"folder": str(folder), "files": files, "bytes": total,
                           "folders": {k: {"files": n, "bytes": b} for k, (n, b) in usage.items()}}))

@@ -90,6 +90,7 @@ def build_app(compositor: Any, examples: list[list[str]] | None = None, out_dir:
     specs = {name: spec for name, spec in PasteOptions.specs().items() if spec.cli and method in spec.methods}
     own_dir = out_dir is None
     out_dir = Path(tempfile.mkdtemp(prefix="composekit-ui-")) if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     what = f"model {compositor.backend.info.source}" if compositor.backend is not None else \
         "no model: the weights-free classic method"
 
@@ -189,7 +190,6 @@ def run(compositor: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[
     temporary folder of its composites and examples is removed either way."""
     with tempfile.TemporaryDirectory(prefix="composekit-ui-") as scratch:
         app = build_app(compositor, demo_examples(Path(scratch) / "examples"), out_dir=Path(scratch) / "out")
-        (Path(scratch) / "out").mkdir()
         app.queue(default_concurrency_limit=1)  # one composite at a time: the model is shared
         app.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=True, quiet=True,
                    show_error=False)

@@ -178,15 +178,9 @@ class OpenVINOBackend(GraphBackend):
                 if not low <= batch <= high:
                     raise InputError(f"{name}: batch {batch} is outside this export's range {low}..{high} "
                                      f"(max_batch {self.info.max_batch}); use a smaller batch_size")
-                model = self.models[name].clone()
                 shapes = {t.name: [batch if d == "B" else self._dim(d) for d in t.shape]
                           for t in self.specs[name].inputs}
-                model.reshape(shapes)
-                try:
-                    self.compiled[key] = self.core.compile_model(model, self.device, self.config)
-                except Exception as exc:
-                    raise ModelError(f"OpenVINO could not compile the {name} for {self.device} at batch {batch}: "
-                                     f"{exc}") from exc
+                self.compiled[key] = self._compile(name, shapes, self.config, f"at batch {batch}")
                 logger.info("compiled %s for batch %d on %s", name, batch, self.device)
             return self.compiled[key]
 
@@ -196,8 +190,7 @@ class OpenVINOBackend(GraphBackend):
             return super().decode(latents, tiny)
         name = self.fast_decoder if tiny else self.decoder
         request = self._region_compiled(name, *latents.shape[:1], *latents.shape[2:]).create_infer_request()
-        request.infer({"latent": np.ascontiguousarray(latents, dtype=self.float)})
-        return np.array(request.get_tensor(self.specs[name].output_names[0]).data, dtype=np.float32)
+        return self._infer(request, name, {"latent": latents})[0]
 
     def _region_compiled(self, name: str, batch: int, height: int, width: int) -> Any:
         """Decoder ``name`` compiled for latents of ``height`` x ``width`` cells (``decode="region"``): compiled
@@ -207,20 +200,25 @@ class OpenVINOBackend(GraphBackend):
             if key in self._regions:
                 self._regions.move_to_end(key)
                 return self._regions[key]
-            model = self.models[name].clone()
-            model.reshape({"latent": [batch, self.info.latent_channels, height, width]})
-            config = {k: v for k, v in self.config.items() if k != "CACHE_DIR"}
-            try:
-                compiled = self.core.compile_model(model, self.device, config)
-            except Exception as exc:
-                raise ModelError(f"OpenVINO could not compile the {name} for a {height} x {width}-cell region "
-                                 f"({exc}); use decode='window'") from exc
+            compiled = self._compile(name, {"latent": [batch, self.info.latent_channels, height, width]},
+                                     {k: v for k, v in self.config.items() if k != "CACHE_DIR"},
+                                     f"for a {height} x {width}-cell region", "; use decode='window'")
             logger.info("compiled %s for %d x %d latent cells (decode='region') on %s", name, height, width,
                         self.device)
             self._regions[key] = compiled
             while len(self._regions) > self.region_decoders:
                 self._regions.popitem(last=False)
             return compiled
+
+    def _compile(self, name: str, shapes: dict[str, list[int]], config: dict[str, Any], what: str,
+                 fix: str = "") -> Any:
+        """Graph ``name`` reshaped to ``shapes`` and compiled with ``config`` (``what``/``fix``: for the error)."""
+        model = self.models[name].clone()
+        model.reshape(shapes)
+        try:
+            return self.core.compile_model(model, self.device, config)
+        except Exception as exc:
+            raise ModelError(f"OpenVINO could not compile the {name} for {self.device} {what}: {exc}{fix}") from exc
 
     def _dim(self, d: Any) -> int:
         if isinstance(d, int):
@@ -235,8 +233,11 @@ class OpenVINOBackend(GraphBackend):
         return requests[key]
 
     def _run(self, name: str, inputs: dict[str, Any]) -> list[Any]:
-        batch = int(next(iter(inputs.values())).shape[0])
-        request = self._request(name, batch)
+        return self._infer(self._request(name, int(next(iter(inputs.values())).shape[0])), name, inputs)
+
+    def _infer(self, request: Any, name: str, inputs: dict[str, Any]) -> list[Any]:
+        """Run graph ``name``'s infer request on ``inputs`` (floats in the export's precision); its outputs as
+        float32 copies."""
         feeds = {k: (v if v.dtype == np.int64 else np.ascontiguousarray(v, dtype=self.float))
                  for k, v in inputs.items()}
         request.infer(feeds)
